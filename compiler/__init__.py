@@ -1,0 +1,1 @@
+"""Compiler: CLI, model I/O, quantizer, exporter and the pass pipeline."""

@@ -1,0 +1,106 @@
+"""The ``ttfsc`` command: export, quantize, compile, verify, run.
+
+Every user error surfaces as one line ``ttfsc: error: ...`` and exit status 2; an unexpected
+failure prints one line and exit status 3 (set TTFSC_DEBUG=1 to see the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ttfsc.compiler.errors import TtfscError
+
+
+def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
+    p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
+    if abits_default is not None:
+        p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
+    p.add_argument("--method", default="minmax", choices=("minmax", "percentile"), help="activation range calibration")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
+    p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
+    p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("export", help="export a LLaMA-family checkpoint to ONNX (text-generation with past)")
+    p.add_argument("src", help="Hugging Face folder, .gguf file, or llama2.c .bin")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (tokenizer is saved beside it)")
+    p.add_argument("--tokenizer", help="llama2.c tokenizer.bin (default: tokenizer.bin beside SRC)")
+
+    p = sub.add_parser("quantize", help="static post-training quantization to a QDQ model (the QANN)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    _add_quant_options(p, abits_default=6)
+
+    p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
+    p.add_argument("model")
+    p.add_argument("-T", dest="T", type=int, required=True, help="time window (spike slots) per stage, 2^abits")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--requantize", action="store_true", help="accept a QDQ model whose width differs from log2(T) by re-gridding its activations (lossy)")
+    p.add_argument("--json", action="store_true", help="print the per-pass report and TTFS stages as JSON")
+    _add_quant_options(p, abits_default=None)
+
+    p = sub.add_parser("verify", help="check a spiking model against its quantized twin")
+    p.add_argument("qdq")
+    p.add_argument("snn")
+    p.add_argument("--text", help="also verify on this text file")
+    p.add_argument("--tokens", type=int, default=64, help="random tokens / greedy tokens to compare")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="generate text with a (spiking or not) ONNX model")
+    p.add_argument("model")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats", action="store_true", help="print spike counts and latency per token")
+    return ap
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "export":
+        from ttfsc.compiler.export import export_cli
+        return export_cli(args)
+    if args.cmd == "quantize":
+        from ttfsc.compiler.quantize import quantize_cli
+        return quantize_cli(args)
+    if args.cmd == "compile":
+        from ttfsc.compiler.pipeline import compile_cli
+        return compile_cli(args)
+    if args.cmd == "verify":
+        from ttfsc.compiler.verify import verify_cli
+        return verify_cli(args)
+    if args.cmd == "run":
+        from ttfsc.runtime.generate import run_cli
+        return run_cli(args)
+    raise TtfscError(f"unknown command {args.cmd}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return int(_dispatch(args) or 0)
+    except TtfscError as exc:
+        print(f"ttfsc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ttfsc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the interface never shows a traceback
+        if os.environ.get("TTFSC_DEBUG"):
+            raise
+        print(f"ttfsc: internal error: {exc.__class__.__name__}: {exc} (set TTFSC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

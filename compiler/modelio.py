@@ -1,0 +1,204 @@
+"""Model I/O that never holds all weights in memory.
+
+Models are loaded without their external data. Tensor values are read one at a time
+(memory-mapped from the external file), and saving streams every external tensor into the new
+data file one by one. Output files are written to temporaries in the target folder and renamed
+only on success, so a failed command leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from ttfsc.compiler.errors import TtfscError
+
+INLINE_LIMIT = 1024  # bytes; larger tensors go to the external data file on save
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load the graph only (external weights stay on disk); clear errors for bad files."""
+    p = Path(path)
+    if not p.exists():
+        raise TtfscError(f"{p}: no such file. Give the path of an .onnx model.")
+    if p.is_dir():
+        raise TtfscError(f"{p}: is a folder. Give the path of an .onnx model file inside it.")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise TtfscError(f"{p}: not a valid ONNX model ({exc.__class__.__name__}). "
+                         "Export one with `ttfsc export`.") from None
+    if not model.graph.node:
+        raise TtfscError(f"{p}: not a valid ONNX model (no graph nodes). Export one with `ttfsc export`.")
+    model.__dict__["_ttfsc_dir"] = str(p.parent.resolve())  # where external data lives
+    return model
+
+
+def model_dir(model: onnx.ModelProto) -> str:
+    return model.__dict__.get("_ttfsc_dir", ".")
+
+
+def _is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def _external_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def tensor_value(t: TensorProto, base_dir: str) -> np.ndarray:
+    """The tensor's array; an external tensor is memory-mapped, not read into RAM."""
+    if not _is_external(t):
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    path = os.path.join(base_dir, info["location"])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    offset = int(info.get("offset", 0))
+    shape = tuple(t.dims)
+    count = int(np.prod(shape)) if shape else 1
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+
+
+class Initializers:
+    """Name -> TensorProto index of a graph, with value access that respects external data."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.base_dir = model_dir(model)
+        self.by_name = {t.name: t for t in model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def value(self, name: str) -> np.ndarray:
+        return tensor_value(self.by_name[name], self.base_dir)
+
+    def add(self, array: np.ndarray, name: str) -> str:
+        t = numpy_helper.from_array(np.asarray(array), name)
+        self.model.graph.initializer.append(t)
+        self.by_name[name] = t
+        return name
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[str]]:
+    """Yield temporary paths next to each target; rename all on success, delete all on failure."""
+    tmps = []
+    for p in paths:
+        p = Path(p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.close(fd)
+        tmps.append(tmp)
+    try:
+        yield tmps
+    except BaseException:
+        for t in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t)
+        raise
+    for t, p in zip(tmps, paths):
+        os.replace(t, p)
+
+
+def data_file_name(out_path: str | os.PathLike) -> str:
+    return Path(out_path).name + ".data"
+
+
+def save_model(model: onnx.ModelProto, out_path: str | os.PathLike, new_tensors: dict | None = None) -> None:
+    """Write ``model`` to ``out_path`` and its large tensors to ``<out>.data``, atomically.
+
+    External tensors of the source are copied chunk by chunk from their files; in-memory tensors
+    above INLINE_LIMIT bytes are moved out as well, so the .onnx stays small and any model size
+    works (the 2 GB protobuf limit never applies).
+    """
+    out_path = Path(out_path)
+    src_dir = model_dir(model)
+    data_name = data_file_name(out_path)
+    with atomic_outputs(out_path, out_path.parent / data_name) as (tmp_model, tmp_data):
+        offset = 0
+        with open(tmp_data, "wb") as data:
+            for t in _all_tensors(model):
+                raw = _tensor_bytes(t, src_dir)
+                if raw is None:
+                    continue
+                pad = (-offset) % 64
+                data.write(b"\0" * pad)
+                offset += pad
+                length = _copy_into(raw, data)
+                _set_external(t, data_name, offset, length)
+                offset += length
+        has_data = offset > 0
+        _write_proto(model, tmp_model)
+    if not has_data:
+        os.unlink(out_path.parent / data_name)
+    model.__dict__["_ttfsc_dir"] = str(out_path.parent.resolve())
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.ByteSize() > INLINE_LIMIT:
+                yield a.t
+
+
+def _tensor_bytes(t: TensorProto, src_dir: str):
+    """What to copy for tensor t: a (file, offset, length) for external, bytes for large inline."""
+    if _is_external(t):
+        info = _external_info(t)
+        return (os.path.join(src_dir, info["location"]), int(info.get("offset", 0)), int(info["length"]))
+    if t.ByteSize() <= INLINE_LIMIT:
+        return None
+    arr = numpy_helper.to_array(t)
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _copy_into(raw, out) -> int:
+    if isinstance(raw, bytes):
+        out.write(raw)
+        return len(raw)
+    path, offset, length = raw
+    with open(path, "rb") as src:
+        src.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = src.read(min(remaining, 64 << 20))
+            if not chunk:
+                raise TtfscError(f"{path}: external data ends early; the model's data file is truncated.")
+            out.write(chunk)
+            remaining -= len(chunk)
+    return length
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def _write_proto(model: onnx.ModelProto, path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def copy_sidecars(src_dir: str, out_dir: str) -> None:
+    """Carry the tokenizer and config files next to a derived model, so later commands find them."""
+    for name in os.listdir(src_dir):
+        if name.endswith((".json", ".txt", ".model", ".bin", ".tiktoken", ".jinja")) and not name.endswith(".onnx"):
+            src = os.path.join(src_dir, name)
+            dst = os.path.join(out_dir, name)
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst) and not os.path.exists(dst):
+                shutil.copy2(src, dst)

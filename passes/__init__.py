@@ -1,0 +1,1 @@
+"""Graph rewrite passes, one per module, each named for what it rewrites."""
