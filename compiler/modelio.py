@@ -38,12 +38,34 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                          "Export one with `ttfsc export`.") from None
     if not model.graph.node:
         raise TtfscError(f"{p}: not a valid ONNX model (no graph nodes). Export one with `ttfsc export`.")
-    model.__dict__["_ttfsc_dir"] = str(p.parent.resolve())  # where external data lives
+    set_model_dir(model, p.parent.resolve())
     return model
 
 
+DIR_KEY = "ttfsc.source_dir"  # in-memory only: stripped before any save
+
+
+def set_model_dir(model: onnx.ModelProto, directory: str | os.PathLike) -> None:
+    """Remember where the model's external data lives (protobuf messages take no attributes)."""
+    _pop_dir(model)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DIR_KEY, str(directory)
+
+
+def _pop_dir(model: onnx.ModelProto) -> str | None:
+    for i, e in enumerate(model.metadata_props):
+        if e.key == DIR_KEY:
+            value = e.value
+            del model.metadata_props[i]
+            return value
+    return None
+
+
 def model_dir(model: onnx.ModelProto) -> str:
-    return model.__dict__.get("_ttfsc_dir", ".")
+    for e in model.metadata_props:
+        if e.key == DIR_KEY:
+            return e.value
+    return "."
 
 
 def _is_external(t: TensorProto) -> bool:
@@ -140,7 +162,7 @@ def save_model(model: onnx.ModelProto, out_path: str | os.PathLike, new_tensors:
         _write_proto(model, tmp_model)
     if not has_data:
         os.unlink(out_path.parent / data_name)
-    model.__dict__["_ttfsc_dir"] = str(out_path.parent.resolve())
+    set_model_dir(model, out_path.parent.resolve())
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -189,9 +211,19 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         e.key, e.value = k, v
 
 
+def serialize(model: onnx.ModelProto) -> bytes:
+    """Bytes of the model without ttfsc's in-memory bookkeeping."""
+    directory = _pop_dir(model)
+    try:
+        return model.SerializeToString()
+    finally:
+        if directory is not None:
+            set_model_dir(model, directory)
+
+
 def _write_proto(model: onnx.ModelProto, path: str) -> None:
     with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+        f.write(serialize(model))
 
 
 def copy_sidecars(src_dir: str, out_dir: str) -> None:

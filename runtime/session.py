@@ -1,0 +1,88 @@
+"""Opening an onnxruntime session on a spiking model.
+
+``open_session(path)`` is the one documented call. It replaces every ``ai.ttfsc`` node by its
+kernel (runtime.kernels) and hands the result to an ordinary ``onnxruntime.InferenceSession``.
+Weights are never copied: for a model with external data the lowered graph is written next to
+the original (so relative data paths still resolve), loaded, and deleted.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ttfsc.compiler.modelio import load_model, model_dir, serialize
+from ttfsc.runtime.kernels import LOWERINGS, MS_DOMAIN
+from ttfsc.ttfs import DOMAIN
+
+
+def has_ttfs_ops(model: onnx.ModelProto) -> bool:
+    return any(n.domain == DOMAIN for n in model.graph.node)
+
+
+def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` in which every TTFS node is replaced by its native-op kernel."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes, inits = [], []
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        if node.op_type not in LOWERINGS:
+            raise ValueError(f"node {node.name!r}: unknown TTFS operator {node.op_type}")
+        lw = LOWERINGS[node.op_type](node)
+        nodes.extend(lw.nodes)
+        inits.extend(lw.inits)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(inits)
+    _fix_opsets(out)
+    return out
+
+
+def _fix_opsets(model: onnx.ModelProto) -> None:
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in keep):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def default_options(level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def session_from_model(model: onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
+                       providers: list[str] | None = None) -> ort.InferenceSession:
+    """An InferenceSession for an in-memory model whose external data sits in model_dir(model)."""
+    so = sess_options or default_options()
+    providers = providers or ["CPUExecutionProvider"]
+    uses_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if not uses_external:
+        return ort.InferenceSession(serialize(model), so, providers=providers)
+    fd, tmp = tempfile.mkstemp(prefix=".ttfsc-session.", suffix=".onnx", dir=model_dir(model))
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(serialize(model))
+        return ort.InferenceSession(tmp, so, providers=providers)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_session(path: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
+                 providers: list[str] | None = None) -> ort.InferenceSession:
+    """Open a spiking (or plain) ONNX model in onnxruntime, with the TTFS kernels installed."""
+    model = path if isinstance(path, onnx.ModelProto) else load_model(Path(path))
+    if has_ttfs_ops(model):
+        model = lower_model(model)
+    return session_from_model(model, sess_options, providers)

@@ -1,0 +1,157 @@
+"""Kernels of the TTFS operators, as subgraphs of onnxruntime's own (native) operators.
+
+Each TTFS node is replaced, when a session opens, by the closed form of its neurons:
+
+* ``TTFSEmit`` with Corollary-1 kernels (uniform psi, theta = b - step/2): the first threshold
+  crossing of ``V + k*step >= theta`` is ``t = round(t_ref - V/step)`` clipped to the window,
+  i.e. ``QuantizeLinear(Clip(V, a, b), scale=-step, zero_point=t_ref)``. The negative scale
+  makes onnxruntime's quantizer produce spike *times* directly, with round-half-to-even on ties
+  (tie_rule ``half_even``); ``half_up`` adds an exact tie fix-up.
+* ``TTFSEmit`` with any other psi/theta: the crossing is found against the cumulative table
+  ``S[k]`` (first k with ``V + S[k] >= theta``), all slots at once, no time loop.
+* ``TTFSReceive`` with the step kernel: ``DequantizeLinear(t, -step_in, t_ref_in)`` gives
+  ``sum of eta over the steps after each spike`` + C, and the integer weights are applied by
+  MatMul on a DequantizeLinear'd int8 weight; onnxruntime fuses that into its integer kernel
+  (MatMulIntegerToFloat), exactly as it does for the quantized twin.
+* ``TTFSReceive`` with any other eta: a gather from the table ``F[t]`` (ttfs.receive_table).
+* ``TTFSDecode``: ``DequantizeLinear(t, -step, t_ref)``.
+
+Why subgraphs and not a C++ library: the matmuls must run on onnxruntime's own integer kernels
+anyway, and expressed this way the whole stage fuses into them (NOTES.md section 5; the
+benchmark records the measured cost).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ttfsc.runtime.ops import DECODE, EMIT, RECEIVE, EmitSpec, ReceiveSpec, decode_spec
+from ttfsc.ttfs import UniformStage, emit_table, is_step_kernel, is_uniform, receive_table, time_dtype
+
+MS_DOMAIN = "com.microsoft"
+
+
+class Lowering:
+    """Collects the nodes and initializers that replace one TTFS node."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{hint}_{self._n}"
+
+    def const(self, value, hint: str, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        n = self.name(hint)
+        self.inits.append(numpy_helper.from_array(arr, n))
+        return n
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, domain: str = "", **kw) -> str:
+        out = output or self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), domain=domain, **kw))
+        return out
+
+
+def _qdq_domain(T: int) -> str:
+    """uint16 spike times (T > 256) need the com.microsoft Q/DQ at opset 18."""
+    return "" if time_dtype(T) == np.uint8 else MS_DOMAIN
+
+
+def _time_elem_type(T: int) -> int:
+    return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
+
+
+def decode_times(lw: Lowering, t: str, T: int, t_ref: int, step: float, out: str | None = None) -> str:
+    """x = (t - t_ref) * (-step) = (t_ref - t) * step: the spike-time code, read as a value."""
+    scale = lw.const(np.float32(-np.float32(step)), "neg_step", np.float32)
+    zp = lw.const(t_ref, "t_ref", time_dtype(T))
+    return lw.op("DequantizeLinear", [t, scale, zp], out, domain=_qdq_domain(T))
+
+
+def lower_emit(node: onnx.NodeProto) -> Lowering:
+    e = EmitSpec.from_node(node)
+    lw = Lowering(node.name or node.output[0])
+    if is_uniform(np.asarray(e.psi), e.theta, e.step, e.t_ref):
+        _emit_uniform(lw, node.input[0], node.output[0], e)
+    else:
+        _emit_table(lw, node.input[0], node.output[0], e)
+    return lw
+
+
+def _emit_uniform(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
+    stage = UniformStage(e.step, e.N - e.t_ref, e.T, e.tie_rule)
+    lo, hi = stage.clip_bounds()
+    vc = lw.op("Clip", [v, lw.const(lo, "a", np.float32), lw.const(hi, "b", np.float32)])
+    if e.tie_rule == "half_even":
+        scale = lw.const(np.float32(-stage.step), "neg_step", np.float32)
+        zp = lw.const(e.t_ref, "t_ref", time_dtype(e.T))
+        lw.op("QuantizeLinear", [vc, scale, zp], t, domain=_qdq_domain(e.T))
+        return
+    w = lw.op("Div", [vc, lw.const(np.float32(-stage.step), "neg_step", np.float32)])
+    fl = lw.op("Floor", [w])
+    tie = lw.op("Equal", [lw.op("Sub", [w, fl]), lw.const(np.float32(0.5), "half", np.float32)])
+    r = lw.op("Where", [tie, fl, lw.op("Round", [w])])   # ties go to the earlier spike (larger code)
+    k = lw.op("Add", [r, lw.const(np.float32(e.t_ref), "t_ref_f", np.float32)])
+    k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(e.N), "N", np.float32)])
+    lw.op("Cast", [k], t, to=_time_elem_type(e.T))
+
+
+def _emit_table(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
+    """First slot k with V + S[k] >= theta (tie rule applied), or N (silent)."""
+    S = emit_table(np.asarray(e.psi), e.N).astype(np.float32)
+    vk = lw.op("Add", [lw.op("Unsqueeze", [v, lw.const(np.array([-1], np.int64), "ax")]), lw.const(S, "S", np.float32)])
+    theta = lw.const(np.float32(e.theta), "theta", np.float32)
+    cross = lw.op("GreaterOrEqual", [vk, theta])
+    if e.tie_rule == "half_even":
+        odd = ((e.t_ref - np.arange(e.N)) % 2 != 0)
+        skip = lw.op("And", [lw.op("Equal", [vk, theta]), lw.const(odd, "odd_slot", np.bool_)])
+        cross = lw.op("And", [cross, lw.op("Not", [skip])])
+    ci = lw.op("Cast", [cross], to=TensorProto.INT32)
+    first = lw.op("ArgMax", [ci], axis=-1, keepdims=0, select_last_index=0)
+    any_ = lw.op("Cast", [lw.op("ReduceMax", [ci, lw.const(np.array([-1], np.int64), "ax")], keepdims=0)],
+                 to=TensorProto.BOOL)
+    k = lw.op("Where", [any_, first, lw.const(np.int64(e.N), "N", np.int64)])
+    lw.op("Cast", [k], t, to=_time_elem_type(e.T))
+
+
+def lower_receive(node: onnx.NodeProto) -> Lowering:
+    r = ReceiveSpec.from_node(node)
+    lw = Lowering(node.name or node.output[0])
+    t, w = node.input[0], node.input[1]
+    a_in = UniformStage(r.step_in, r.T_in - 1 - r.t_ref_in, r.T_in).a
+    fast = (is_step_kernel(np.asarray(r.eta), r.step_in) and np.float32(r.c_offset) == a_in and r.gain == 1.0)
+    if fast:
+        x = decode_times(lw, t, r.T_in, r.t_ref_in, r.step_in)
+    else:
+        F = receive_table(np.asarray(r.eta), r.c_offset, r.T_in - 1).astype(np.float32)
+        x = lw.op("Gather", [lw.const(F, "F", np.float32), lw.op("Cast", [t], to=TensorProto.INT64)], axis=0)
+    wd = _weight(lw, node)
+    if fast:
+        lw.op("MatMul", [x, wd], node.output[0])
+        return lw
+    v = lw.op("MatMul", [x, wd])
+    lw.op("Mul", [v, lw.const(np.float32(r.gain), "gain", np.float32)], node.output[0])
+    return lw
+
+
+def _weight(lw: Lowering, node: onnx.NodeProto) -> str:
+    """Integer weights dequantized per output channel (fused by onnxruntime), or float weights."""
+    if len(node.input) < 3 or not node.input[2]:
+        return node.input[1]
+    inputs = [node.input[1], node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
+    return lw.op("DequantizeLinear", inputs, axis=1)
+
+
+def lower_decode(node: onnx.NodeProto) -> Lowering:
+    T, t_ref, step = decode_spec(node)
+    lw = Lowering(node.name or node.output[0])
+    decode_times(lw, node.input[0], T, t_ref, step, node.output[0])
+    return lw
+
+
+LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode}
