@@ -24,12 +24,22 @@ class GraphIndex:
         self.graph = model.graph
         self.inits = Initializers(model)
         self.graph_outputs = {o.name for o in self.graph.output}
+        self.nodes: list[onnx.NodeProto] = []
+        for n in self.graph.node:  # detached copies: identity stays stable while we edit
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            self.nodes.append(c)
         self.rebuild()
+
+    def commit(self) -> None:
+        """Write the edited node list back into the graph."""
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
 
     def rebuild(self) -> None:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
+        for node in self.nodes:
             for o in node.output:
                 self.producer[o] = node
             for i in node.input:
@@ -47,18 +57,13 @@ class GraphIndex:
 
     def replace_node(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
         """Put ``new`` where ``old`` was (keeps topological order when inputs precede old)."""
-        nodes = list(self.graph.node)
-        pos = next(i for i, n in enumerate(nodes) if n is old)
-        nodes[pos:pos + 1] = new
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
+        pos = next(i for i, n in enumerate(self.nodes) if n is old)
+        self.nodes[pos:pos + 1] = new
         self.rebuild()
 
     def remove_nodes(self, dead: list[onnx.NodeProto]) -> None:
         ids = {id(n) for n in dead}
-        keep = [n for n in self.graph.node if id(n) not in ids]
-        del self.graph.node[:]
-        self.graph.node.extend(keep)
+        self.nodes = [n for n in self.nodes if id(n) not in ids]
         self.rebuild()
 
 
@@ -114,4 +119,5 @@ class Pass:
                     continue
                 rule.rewrite(g, m)
                 report.rewritten[rule.name] += 1
+        g.commit()
         return report

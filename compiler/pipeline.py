@@ -1,0 +1,152 @@
+"""``ttfsc compile``: order and run the passes, check the result, report stages and latency.
+
+Order matters: activation quantizers become emissions first (qdq_to_emit), then the matmuls
+that read them become receptions (decode_matmul_to_receive), then dead weight dequantizers go
+(dead_code). A float model is quantized first with A = log2(T) bits, and the user is told so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import networkx as nx
+import onnx
+
+from ttfsc.compiler.errors import TtfscError
+from ttfsc.compiler.modelio import copy_sidecars, load_model, model_dir, save_model
+from ttfsc.passes.dead_code import DeadCode
+from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
+from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch
+from ttfsc.runtime.ops import EMIT, EmitSpec
+from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, bits_for_window
+
+
+def is_qdq(model: onnx.ModelProto) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    return any(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
+
+
+def run_passes(model: onnx.ModelProto, T: int, requantize: bool = False) -> list[dict]:
+    """Rewrite ``model`` in place; return one report per pass."""
+    passes = [QdqToEmit(T, requantize), DecodeMatMulToReceivePass(), DeadCode()]
+    reports = []
+    for p in passes:
+        try:
+            reports.append(p.run(model).as_dict())
+        except WindowMismatch as exc:
+            raise TtfscError(str(exc)) from None
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return reports
+
+
+def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:
+    """Activation Q/DQ the passes could not turn into spikes (must be none)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name or n.output[0] for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in inits]
+
+
+def stages(model: onnx.ModelProto) -> list[dict]:
+    out = []
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type == EMIT:
+            e = EmitSpec.from_node(n)
+            out.append({"stage": n.name, "window": e.T, "bits": bits_for_window(e.T), "t_ref": e.t_ref,
+                        "step": e.step, "qann_tensor": e.qann_tensor})
+    return out
+
+
+def latency_per_token(model: onnx.ModelProto) -> int:
+    """Time steps a token needs: the heaviest chain of TTFS stages, each costing its window.
+
+    Stages on one path run in sequence (a stage receives during its predecessor's window), so
+    the delay is the sum of windows along the longest path; parallel branches (q/k/v) overlap.
+    Standard (not yet spiking) ops are counted as 0 steps.
+    """
+    g = nx.DiGraph()
+    for i, n in enumerate(model.graph.node):
+        w = EmitSpec.from_node(n).T if (n.domain == DOMAIN and n.op_type == EMIT) else 0
+        g.add_node(("n", i), w=w)
+        for t in n.input:
+            if t:
+                g.add_edge(("t", t), ("n", i))
+        for t in n.output:
+            g.add_edge(("n", i), ("t", t))
+    for v in g.nodes:
+        g.nodes[v].setdefault("w", 0)
+    best: dict = {}
+    for v in nx.topological_sort(g):
+        preds = [best[p] for p in g.predecessors(v)]
+        best[v] = (max(preds) if preds else 0) + g.nodes[v]["w"]
+    return max(best.values(), default=0)
+
+
+def _check(model: onnx.ModelProto, path: str) -> None:
+    left = leftover_activation_qdq(model)
+    if left:
+        raise TtfscError(f"{path}: {len(left)} activation quantizers could not become TTFS stages "
+                         f"(first: {left[0]}); see --json for the reason each was skipped.")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise TtfscError(f"{path}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def compile_model(model_path: str, out_path: str, T: int, requantize: bool = False,
+                  quant_options: dict | None = None, log=print) -> dict:
+    """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``."""
+    try:
+        bits = bits_for_window(T)
+    except ValueError as exc:
+        raise TtfscError(str(exc)) from None
+    t0 = time.perf_counter()
+    model = load_model(model_path)
+    src_dir = model_dir(model)
+    report: dict = {"input": str(model_path), "T": T}
+    with tempfile.TemporaryDirectory(prefix=".ttfsc-q-", dir=Path(out_path).resolve().parent) as tmp:
+        if not is_qdq(model):
+            model, report["quantized"] = _quantize_first(model_path, tmp, bits, quant_options or {}, log)
+        report["passes"] = run_passes(model, T, requantize)
+        _check(model, model_path)
+        report["stages"] = stages(model)
+        report["latency_steps_per_token"] = latency_per_token(model)
+        _set_meta(model, T)
+        save_model(model, out_path)
+    copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
+    report["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _quantize_first(model_path: str, tmp: str, bits: int, opts: dict, log) -> tuple[onnx.ModelProto, dict]:
+    from ttfsc.compiler.quantize import quantize_model
+
+    log(f"ttfsc: {model_path} has no activation QuantizeLinear/DequantizeLinear: quantizing it first "
+        f"with A{bits} (= log2 T) activations, W{opts.get('wbits', 8)} weights.")
+    qpath = os.path.join(tmp, "model.qdq.onnx")
+    summary = quantize_model(model_path, qpath, abits=bits, log=log, **opts)
+    return load_model(qpath), summary
+
+
+def _set_meta(model: onnx.ModelProto, T: int) -> None:
+    meta = {p.key: p for p in model.metadata_props}
+    entry = meta.get("ttfsc.T") or model.metadata_props.add()
+    entry.key, entry.value = "ttfsc.T", str(T)
+
+
+def compile_cli(args) -> int:
+    opts = {k: getattr(args, k) for k in ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen")}
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+        return 0
+    rewritten = {k: v for p in report["passes"] for k, v in p["rewritten"].items()}
+    print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} TTFS stages of T={args.T}, "
+          f"latency {report['latency_steps_per_token']} time steps per token; rewrites {rewritten}; "
+          f"{report['compile_seconds']} s")
+    return 0

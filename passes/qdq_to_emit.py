@@ -1,0 +1,125 @@
+"""Pass: activation [Clip ->] QuantizeLinear -> DequantizeLinear  ==>  TTFSEmit -> TTFSDecode.
+
+Corollary 1: the n-bit quantizer (scale, zero point, codes 0..N) *is* a TTFS neuron with a
+step input kernel, psi = scale, theta = b - scale/2, t_ref = N - z and a window of T = N+1 slots.
+The QuantizeLinear becomes the emission of that stage (potential -> spike times); every
+DequantizeLinear reading its codes becomes a TTFSDecode of the spike times, which the next pass
+folds into the receiving MatMuls. A Clip in front of the QuantizeLinear is how ttfsc's QDQ
+models carry n < 8 bits in uint8: its range narrows the code range, and the emission's own
+window clips exactly the same way, so the Clip is absorbed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
+from ttfsc.runtime.ops import EmitSpec, make_decode_node
+from ttfsc.ttfs import UniformStage, bits_for_window, requantize_params
+
+_CODE_RANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+               onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
+
+
+class WindowMismatch(ValueError):
+    """The QDQ model's activation width and -T disagree (and --requantize was not given)."""
+
+
+class QuantDequantToEmit(Rule):
+    """Rewrite one activation quantizer and all the dequantizers that read it."""
+
+    name = "QuantDequantToEmit"
+
+    def __init__(self, T: int, requantize: bool = False):
+        self.T = T
+        self.requantize = requantize
+
+    def pattern(self, g: GraphIndex) -> list[Match]:
+        out = []
+        for q in list(g.nodes):
+            if q.op_type != "QuantizeLinear" or g.is_const(q.input[0]):
+                continue  # weights are quantized offline; only activations become spikes
+            out.append(Match(q, {"clip": self._clip(g, q), "dqs": list(g.consumers.get(q.output[0], []))}))
+        return out
+
+    @staticmethod
+    def _clip(g: GraphIndex, q: onnx.NodeProto) -> onnx.NodeProto | None:
+        p = g.producer.get(q.input[0])
+        if p is None or p.op_type != "Clip" or len(g.consumers[p.output[0]]) != 1:
+            return None
+        if len(p.input) < 3 or not all(g.is_const(n) for n in p.input[1:3]):
+            return None
+        return p
+
+    def check(self, g: GraphIndex, m: Match) -> str | None:
+        q = m.anchor
+        if len(q.input) < 3 or not (g.is_const(q.input[1]) and g.is_const(q.input[2])):
+            return "scale/zero point are not constants (dynamic quantization is not a static TTFS stage)"
+        scale, zp = g.const(q.input[1]), g.const(q.input[2])
+        if scale.size != 1 or zp.size != 1:
+            return "per-channel activation quantization: one TTFS stage needs one scale per tensor"
+        if not m.nodes["dqs"] or q.output[0] in g.graph_outputs:
+            return "codes are used without a DequantizeLinear"
+        for dq in m.nodes["dqs"]:
+            if dq.op_type != "DequantizeLinear" or not self._same_params(g, q, dq):
+                return f"consumer {dq.name or dq.output[0]} is not a DequantizeLinear with the same scale/zero point"
+        qmin, qmax = self._code_range(g, q, m.nodes["clip"], float(scale.reshape(())), int(zp.reshape(())))
+        T = qmax - qmin + 1
+        try:
+            bits_for_window(T)
+        except ValueError:
+            return f"{T} code levels is not 2^n for n in 2..12"
+        if T != self.T and not self.requantize:
+            raise WindowMismatch(
+                f"node {q.name or q.output[0]}: the QDQ model quantizes activations to {T} levels "
+                f"({bits_for_window(T)} bits) but -T {self.T} was given. Use -T {T}, or add --requantize "
+                f"(lossy) to re-grid the activations to {self.T} slots.")
+        m.nodes.update(scale=float(scale.reshape(())), zp=int(zp.reshape(())), qmin=qmin, qmax=qmax, T_src=T)
+        return None
+
+    @staticmethod
+    def _same_params(g: GraphIndex, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:
+        if len(dq.input) < 3:
+            return False
+        if (dq.input[1], dq.input[2]) == (q.input[1], q.input[2]):
+            return True
+        if not (g.is_const(dq.input[1]) and g.is_const(dq.input[2])):
+            return False
+        return (np.array_equal(g.const(dq.input[1]), g.const(q.input[1]))
+                and np.array_equal(g.const(dq.input[2]), g.const(q.input[2])))
+
+    @staticmethod
+    def _code_range(g: GraphIndex, q, clip, scale: float, zp: int) -> tuple[int, int]:
+        """Codes the QANN can produce: the zero point type's range, narrowed by a Clip."""
+        zp_type = g.inits.by_name[q.input[2]].data_type
+        qmin, qmax = _CODE_RANGE.get(zp_type, (0, 255))
+        if clip is not None:
+            lo, hi = (float(g.const(n).reshape(())) for n in clip.input[1:3])
+            qmin = max(qmin, int(np.rint(np.float32(lo) / np.float32(scale))) + zp)
+            qmax = min(qmax, int(np.rint(np.float32(hi) / np.float32(scale))) + zp)
+        return qmin, qmax
+
+    def rewrite(self, g: GraphIndex, m: Match) -> None:
+        q, clip = m.anchor, m.nodes["clip"]
+        scale, z, N_src = m.nodes["scale"], m.nodes["zp"] - m.nodes["qmin"], m.nodes["T_src"] - 1
+        if m.nodes["T_src"] != self.T:
+            scale, z = requantize_params(scale, z, N_src, self.T - 1)
+        spec = EmitSpec.from_stage(UniformStage(scale, z, self.T), qann_tensor=q.output[0],
+                                   qann_code_min=m.nodes["qmin"])
+        v = clip.input[0] if clip is not None else q.input[0]
+        t = f"{q.output[0]}/spike_t"
+        base = q.name or q.output[0]
+        g.replace_node(q, [spec.make_node(v, t, f"{base}/emit")])
+        for i, dq in enumerate(m.nodes["dqs"]):
+            g.replace_node(dq, [make_decode_node(spec, t, dq.output[0], f"{base}/decode_{i}")])
+        if clip is not None:
+            g.remove_nodes([clip])
+
+
+class QdqToEmit(Pass):
+    """All activation quantizers of the graph become TTFS emissions."""
+
+    name = "qdq_to_emit"
+
+    def __init__(self, T: int, requantize: bool = False):
+        self.rules = (QuantDequantToEmit(T, requantize),)
