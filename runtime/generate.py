@@ -1,0 +1,201 @@
+"""Text generation with a KV cache over an onnxruntime session of an exported decoder.
+
+The exported graph (``ttfsc export``) serves prefill and decode: it takes ``input_ids``,
+``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value`` and returns
+``logits`` and ``present.{i}.key/value``. The same loop drives the float model, the QDQ model
+and the spiking model, so their outputs can be compared token by token (verify) and shown (run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ttfsc.compiler.errors import TtfscError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+Past = list[tuple[np.ndarray, np.ndarray]]
+
+
+class Generator:
+    """KV-cache decoding loop; the cache geometry comes from the graph inputs or config.json."""
+
+    def __init__(self, session: Any, model_dir: str | Path | None = None):
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.output_names = [o.name for o in session.get_outputs()]
+        if "input_ids" not in inputs or "logits" not in self.output_names:
+            raise TtfscError("model has no input_ids input or logits output; export it with `ttfsc export`.")
+        self.config = _read_config(model_dir)
+        self.num_layers = _count_layers(inputs)
+        self.kv_heads, self.head_dim, self.past_dtype = self._cache_geometry(inputs)
+        self.max_positions = self.config.get("max_position_embeddings")
+        self.stop_ids = frozenset(_as_list(self.config.get("eos_token_id")))
+
+    def _cache_geometry(self, inputs: dict) -> tuple[int, int, np.dtype]:
+        """(kv heads, head dim, dtype) from the first past input, else from config.json."""
+        if not self.num_layers:
+            return 0, 0, np.dtype(np.float32)
+        arg = inputs["past_key_values.0.key"]
+        dtype = np.dtype(_ORT_TYPES.get(arg.type, np.float32))
+        shape = list(arg.shape)
+        heads, dim = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
+        if not isinstance(heads, int):
+            heads = self.config.get("num_key_value_heads") or self.config.get("num_attention_heads")
+        if not isinstance(dim, int):
+            dim = self.config.get("head_dim") or _config_head_dim(self.config)
+        if not heads or not dim:
+            raise TtfscError("cannot tell the KV-cache shape: graph inputs are symbolic and no config.json "
+                             "is beside the model. Copy the exported config.json next to it.")
+        return int(heads), int(dim), dtype
+
+    # ------------------------------------------------------------ one step
+
+    def empty_past(self, batch: int = 1) -> Past:
+        """Zero-length cache: [batch, kv_heads, 0, head_dim] per layer."""
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
+        return [(z, z) for _ in range(self.num_layers)]
+
+    def forward(self, input_ids: np.ndarray, past: Past | None = None) -> tuple[np.ndarray, Past]:
+        """Run the graph on ``input_ids`` [batch, seq] after ``past``; return (logits, present)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        batch, seq = ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        past_len = past[0][0].shape[2] if past else 0
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+        for i, (k, v) in enumerate(past):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        present = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return outs["logits"], present
+
+    def logits(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits of a whole sequence without cache ([seq, vocab] for 1-D input), for perplexity."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        out, _ = self.forward(ids, None)
+        return out[0] if ids.ndim == 1 else out
+
+    # ------------------------------------------------------------ the loop
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 stop_ids: Iterable[int] | None = None) -> list[int]:
+        """New tokens after ``prompt_ids`` (the stop token itself is not returned).
+
+        Greedy when ``temperature == 0``; otherwise nucleus sampling with a seeded numpy RNG so
+        runs are reproducible. ``stop_ids`` defaults to config.json's eos_token_id.
+        """
+        if len(prompt_ids) == 0:
+            raise TtfscError("empty prompt: pass at least the BOS token.")
+        stops = frozenset(stop_ids) if stop_ids is not None else self.stop_ids
+        rng = np.random.default_rng(seed)
+        limit = self._token_limit(len(prompt_ids), max_new_tokens)
+        logits, past = self.forward(np.asarray([prompt_ids], dtype=np.int64), None)
+        out: list[int] = []
+        while len(out) < limit:
+            token = pick_token(logits[0, -1], temperature, top_p, rng)
+            if stop_at_eos and token in stops:
+                break
+            out.append(token)
+            if len(out) == limit:
+                break
+            logits, past = self.forward(np.asarray([[token]], dtype=np.int64), past)
+        return out
+
+    def _token_limit(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Never run past the model's context length."""
+        if self.max_positions:
+            return max(0, min(max_new_tokens, int(self.max_positions) - prompt_len))
+        return max(0, max_new_tokens)
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """argmax for temperature 0, else a sample from the top-p nucleus of softmax(logits/T)."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+# ---------------------------------------------------------------- helpers
+
+def _read_config(model_dir: str | Path | None) -> dict:
+    if model_dir is None:
+        return {}
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _config_head_dim(config: dict) -> int | None:
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
+def _count_layers(inputs: dict) -> int:
+    layers = {int(m.group(1)) for name in inputs if (m := _PAST.match(name))}
+    if layers and layers != set(range(len(layers))):
+        raise TtfscError(f"model's past_key_values inputs skip layers ({sorted(layers)}).")
+    return len(layers)
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def open_model_session(path: str | Path) -> Any:
+    """A session for a plain or spiking model (runtime.session lowers TTFS ops when present)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TtfscError(f"{p}: no such model file. Give the path of an .onnx model.")
+    try:
+        from ttfsc.runtime.session import open_session
+    except ImportError:
+        import onnxruntime as ort
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    return open_session(p)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``ttfsc run``: encode the prompt with BOS, generate, print prompt + continuation."""
+    from ttfsc.runtime.tokenizer import load_tokenizer
+    tok = load_tokenizer(args.model)
+    gen = Generator(open_model_session(args.model), Path(args.model).parent)
+    prompt = tok.encode(args.prompt, bos=True)
+    if not prompt:
+        raise TtfscError(f"{args.model}: the tokenizer has no BOS token; give a non-empty --prompt.")
+    t0 = time.perf_counter()
+    new = gen.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                       stop_ids=set(tok.stop_ids) | gen.stop_ids)
+    dt = time.perf_counter() - t0
+    print(tok.decode(prompt + new))
+    if getattr(args, "stats", False):
+        rate = len(new) / dt if dt > 0 else float("inf")
+        print(f"{len(new)} tokens in {dt:.2f} s ({rate:.1f} tok/s)", file=sys.stderr)
+    return 0
