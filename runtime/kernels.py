@@ -86,7 +86,9 @@ def lower_emit(node: onnx.NodeProto) -> Lowering:
 def _emit_uniform(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
     stage = UniformStage(e.step, e.N - e.t_ref, e.T, e.tie_rule)
     lo, hi = stage.clip_bounds()
-    vc = lw.op("Clip", [v, lw.const(lo, "a", np.float32), lw.const(hi, "b", np.float32)])
+    # Min/Max rather than Clip: onnxruntime's Clip+QuantizeLinear fusion misjudges a negative
+    # scale's range as covered and would drop the window's clip (measured on stories260K).
+    vc = lw.op("Max", [lw.op("Min", [v, lw.const(hi, "b", np.float32)]), lw.const(lo, "a", np.float32)])
     if e.tie_rule == "half_even":
         scale = lw.const(np.float32(-stage.step), "neg_step", np.float32)
         zp = lw.const(e.t_ref, "t_ref", time_dtype(e.T))

@@ -1,0 +1,190 @@
+"""``ttfsc verify``: run the QANN and its spiking model on the same inputs and compare.
+
+For every TTFS stage, the spike times are turned back into codes (q = N - t) and compared with
+the integer codes the QANN's QuantizeLinear produced for the same tensor. A difference at an
+exact tie of the quantizer (x/scale = k + 1/2) is counted apart: it is a rounding-rule choice,
+not an error. Any other difference is a real mismatch and makes the command fail. Both models
+run under onnxruntime's default optimisation level, so the claim is "bit-exact against the
+QANN as onnxruntime executes it" (integer kernels where it fuses them).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ttfsc.compiler.errors import TtfscError
+from ttfsc.compiler.modelio import Initializers, load_model, model_dir
+from ttfsc.runtime.generate import Generator
+from ttfsc.runtime.ops import EMIT, EmitSpec
+from ttfsc.runtime.session import open_session, session_from_model
+from ttfsc.ttfs import DOMAIN, is_exact_tie, spike_count, time_dtype
+
+
+@dataclass
+class Probe:
+    """One TTFS stage and the QANN tensors it must reproduce."""
+
+    stage: str
+    spikes: str          # SNN spike-time tensor
+    codes: str           # QANN QuantizeLinear output
+    value: str           # QANN QuantizeLinear input (for tie detection)
+    scale: float
+    code_min: int
+    T: int
+    counts: dict = field(default_factory=lambda: {"codes": 0, "mismatch": 0, "ties": 0, "spikes": 0})
+
+
+def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
+    producers = {o: n for n in qann.graph.node for o in n.output}
+    inits = Initializers(qann)
+    probes = []
+    for n in snn.graph.node:
+        if n.domain != DOMAIN or n.op_type != EMIT:
+            continue
+        e = EmitSpec.from_node(n)
+        q = producers.get(e.qann_tensor)
+        if q is None or q.op_type != "QuantizeLinear":
+            raise TtfscError(f"stage {n.name}: the QDQ model has no QuantizeLinear producing {e.qann_tensor!r}; "
+                             "was the spiking model compiled from this QDQ model?")
+        scale = float(np.asarray(inits.value(q.input[1])).reshape(()))
+        probes.append(Probe(n.name, n.output[0], e.qann_tensor, q.input[0], scale, e.qann_code_min, e.T))
+    if not probes:
+        raise TtfscError("the spiking model has no TTFSEmit stage; compile it with `ttfsc compile`.")
+    return probes
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def _tokens(gen: Generator, rng: np.random.Generator, n: int, vocab: int, bos: int) -> list[int]:
+    return [bos] + [int(x) for x in rng.integers(3, vocab, n)]
+
+
+def compare(probes: list[Probe], qann_out: dict, snn_out: dict) -> None:
+    for p in probes:
+        t = snn_out[p.spikes].astype(np.int64)
+        q = qann_out[p.codes].astype(np.int64) - p.code_min
+        diff = (p.T - 1 - t) != q
+        ties = diff & is_exact_tie(qann_out[p.value], p.scale)
+        p.counts["codes"] += int(q.size)
+        p.counts["mismatch"] += int((diff & ~ties).sum())
+        p.counts["ties"] += int(ties.sum())
+        p.counts["spikes"] += spike_count(t, p.T)
+
+
+def _run(gen: Generator, ids: list[int], extra: list[str]) -> dict:
+    """One full-sequence forward with the probe tensors fetched as well."""
+    names = ["logits"] + extra
+    feeds = gen.feeds(np.asarray([ids], dtype=np.int64), None) if hasattr(gen, "feeds") else _feeds(gen, ids)
+    return dict(zip(names, gen.session.run(names, feeds)))
+
+
+def _feeds(gen: Generator, ids: list[int]) -> dict:
+    x = np.asarray([ids], dtype=np.int64)
+    feeds = {"input_ids": x}
+    if "attention_mask" in gen.input_names:
+        feeds["attention_mask"] = np.ones_like(x)
+    if "position_ids" in gen.input_names:
+        feeds["position_ids"] = np.arange(x.shape[1], dtype=np.int64)[None]
+    for i, (k, v) in enumerate(gen.empty_past()):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+    return feeds
+
+
+def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 64, seed: int = 0,
+           log=print) -> dict:
+    qann, snn = load_model(qdq_path), load_model(snn_path)
+    probes = find_probes(qann, snn)
+    q_sess = session_from_model(_with_outputs(qann, [n for p in probes for n in (p.codes, p.value)]))
+    s_sess = open_session(_with_outputs(snn, [p.spikes for p in probes]))
+    q_gen, s_gen = Generator(q_sess, model_dir(qann)), Generator(s_sess, model_dir(snn))
+    tok = _tokenizer(snn_path)
+    bos = getattr(tok, "bos_id", None) or 1
+    rng = np.random.default_rng(seed)
+    vocab = int(q_sess.get_outputs()[0].shape[-1] or 0) or _vocab(q_gen, bos)
+    seqs = {"random": _tokens(q_gen, rng, tokens, vocab, bos)}
+    if text:
+        seqs["text"] = tok.encode(Path(text).read_text()[:20000], bos=True)[:256] if tok else None
+        if seqs["text"] is None:
+            raise TtfscError(f"{snn_path}: no tokenizer beside the model, so --text cannot be used.")
+    max_dlogit = 0.0
+    for ids in seqs.values():
+        qo = _run(q_gen, ids, [n for p in probes for n in (p.codes, p.value)])
+        so = _run(s_gen, ids, [p.spikes for p in probes])
+        compare(probes, qo, so)
+        max_dlogit = max(max_dlogit, float(np.abs(qo["logits"] - so["logits"]).max()))
+    greedy = _greedy(qann, snn, seqs, tokens, bos)
+    return _summary(probes, seqs, max_dlogit, greedy)
+
+
+def _tokenizer(path: str):
+    try:
+        from ttfsc.runtime.tokenizer import load_tokenizer
+        return load_tokenizer(path)
+    except TtfscError:
+        return None
+
+
+def _vocab(gen: Generator, bos: int) -> int:
+    return int(gen.logits([bos]).shape[-1])
+
+
+def _greedy(qann, snn, seqs: dict, tokens: int, bos: int) -> dict:
+    """Greedy generation with the production sessions (no probes) and the KV cache."""
+    prompt = (seqs.get("text") or [bos])[:16]
+    a = Generator(session_from_model(qann), model_dir(qann)).generate(prompt, tokens, stop_at_eos=False)
+    b = Generator(open_session(snn), model_dir(snn)).generate(prompt, tokens, stop_at_eos=False)
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return {"prompt_tokens": len(prompt), "tokens": len(a), "identical": a == b, "first_divergence": first}
+
+
+def _summary(probes: list[Probe], seqs: dict, max_dlogit: float, greedy: dict) -> dict:
+    total = {k: sum(p.counts[k] for p in probes) for k in ("codes", "mismatch", "ties", "spikes")}
+    n_tokens = sum(len(s) for s in seqs.values())
+    return {
+        "stages": [{"stage": p.stage, "T": p.T, **p.counts,
+                    "mismatch_share": p.counts["mismatch"] / max(p.counts["codes"], 1),
+                    "tie_share": p.counts["ties"] / max(p.counts["codes"], 1)} for p in probes],
+        "total": total,
+        "tokens_compared": n_tokens,
+        "spikes_per_token": total["spikes"] / max(n_tokens, 1),
+        "neurons_per_token": total["codes"] / max(n_tokens, 1),
+        "max_abs_logit_diff": max_dlogit,
+        "greedy": greedy,
+        "ok": total["mismatch"] == 0 and greedy["identical"],
+    }
+
+
+def verify_cli(args) -> int:
+    r = verify(args.qdq, args.snn, args.text, args.tokens, args.seed)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        t = r["total"]
+        worst = max(r["stages"], key=lambda s: s["mismatch"])
+        print(f"stages: {len(r['stages'])}; codes compared: {t['codes']} over {r['tokens_compared']} tokens")
+        print(f"real mismatches: {t['mismatch']} (worst stage {worst['stage']}: {worst['mismatch_share']:.2e}); "
+              f"exact ties counted apart: {t['ties']}")
+        print(f"max |logit diff|: {r['max_abs_logit_diff']:.3g}")
+        g = r["greedy"]
+        print(f"greedy {g['tokens']} tokens identical: {g['identical']}"
+              + ("" if g["identical"] else f" (first divergence at token {g['first_divergence']})"))
+        print(f"spikes per token: {r['spikes_per_token']:.0f} of {r['neurons_per_token']:.0f} neurons "
+              f"(at most one spike each)")
+        print("verify: OK" if r["ok"] else "verify: FAILED")
+    if not r["ok"]:
+        print("ttfsc: verify found real mismatches between the spiking model and its QANN", file=sys.stderr)
+    return 0 if r["ok"] else 1
