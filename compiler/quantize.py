@@ -1,0 +1,711 @@
+"""Static post-training quantization of a LLaMA ONNX decoder into a QDQ model (the "QANN").
+
+The QANN is an ordinary ONNX model that plain onnxruntime runs; the TTFS compiler later reads its
+scales and zero points, so the representation below is a contract, not an implementation detail.
+
+Targets. Every ``MatMul`` whose second input is a float32 initializer (a linear layer, weight
+``[in, out]``, lm_head included). Nothing else is touched: the attention-mask ``Add`` and the
+attention score / probability-value ``MatMul``s (both inputs computed) stay float.
+
+Weights: per output channel (axis 1 of ``[in, out]``), symmetric, zero point 0::
+
+    W_q (int8 initializer) --DequantizeLinear(axis=1, scale[out], zero_point int8[out] = 0)--> MatMul
+
+``--wbits 8`` stores codes in ``[-127, 127]`` (-128 is never used, so the grid is symmetric).
+``--wbits 4`` stores codes in ``[-7, 7]`` *in an int8 tensor*: ONNX ``INT4`` needs opset 21 and the
+exported decoder is opset 18, so the width is carried by the code range (and by the metadata key
+``ttfsc.wbits``), not by the type.
+
+Activations (the first input of each target): per tensor, static, asymmetric, 2..12 bits. With
+``N = 2^abits - 1``, calibrated ``min <= 0 <= max``, ``scale = (max - min) / N`` and
+``z = clip(round(-min / scale), 0, N)``. An n-bit code has no ONNX type, so it is carried in a
+wider unsigned type and restricted to ``0..N`` by a ``Clip`` whose bounds are exactly
+``ttfsc.ttfs.clip_bounds(scale, z, N)`` (the value range of the equivalent TTFS stage)::
+
+    x --Clip(lo, hi)--> QuantizeLinear(scale, z) --> DequantizeLinear(scale, z) --> MatMul(s)
+
+For ``abits <= 8`` the zero point is ``uint8`` and the standard ops are used. For 9..12 bits it is
+``uint16`` and the Q/DQ nodes are onnxruntime's ``com.microsoft`` contrib ops (standard ONNX only
+accepts 16-bit codes from opset 21). Scale and zero point are scalar initializers. A tensor
+feeding several targets (q/k/v share their input) gets one Clip->Q->DQ chain shared by all.
+
+Running the QANN. ``onnxruntime`` with its default optimisations fuses DQ->MatMul into integer
+kernels (MatMulIntegerToFloat, MatMulNBits). On x86 CPUs without VNNI the u8 x s8 kernel adds
+pairs of products in int16, which saturates when 8-bit activation codes (up to 255) meet 8-bit
+weight codes (up to 127): W8A8 then runs visibly less accurately than its own QDQ math. For
+bit-exact QDQ numerics set the session option ``session.disable_quant_qdq = 1`` (or disable graph
+optimisations); abits <= 7 or wbits = 4 cannot saturate.
+
+Calibration runs the float model in onnxruntime with every target activation added as a graph
+output, on text from ``--calib`` or, without it, on sequences the model samples itself from BOS.
+Memory stays bounded: weights are read one at a time (memory-mapped for external data), quantized
+in row blocks and spilled to a temporary file that ``modelio.save_model`` streams into the output.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ttfsc.compiler import modelio
+from ttfsc.compiler.errors import TtfscError
+from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
+
+MS_DOMAIN = "com.microsoft"
+WEIGHT_BITS = {8: 127, 4: 7}  # wbits -> largest symmetric code
+METHODS = ("minmax", "percentile")
+SEED = 0
+PERCENTILE_SUBSAMPLE = 1 << 16  # values kept per tensor per calibration sequence
+BLOCK_BYTES = 64 << 20  # weight rows processed at once (float32 bytes)
+DEFAULT_BOS = 1
+Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consumers read
+
+
+# ---------------------------------------------------------------- validation and discovery
+
+def _check_options(wbits: int, abits: int, method: str, percentile: float, calib_samples: int,
+                   calib_seqlen: int) -> None:
+    """Reject bad options before any file is read, so errors are about the option, not the model."""
+    if wbits not in WEIGHT_BITS:
+        raise TtfscError(f"--wbits {wbits} is not supported; use 8 or 4.")
+    if not MIN_BITS <= abits <= MAX_BITS:
+        raise TtfscError(f"--abits {abits} is outside {MIN_BITS}..{MAX_BITS}; pick an activation width in that range (e.g. 6).")
+    if method not in METHODS:
+        raise TtfscError(f"--method {method} is unknown; use one of {', '.join(METHODS)}.")
+    if method == "percentile" and not 50.0 < percentile <= 100.0:
+        raise TtfscError(f"--percentile {percentile} must be in (50, 100], e.g. 99.99.")
+    if calib_samples < 1:
+        raise TtfscError(f"--calib-samples {calib_samples} must be at least 1.")
+    if calib_seqlen < 2:
+        raise TtfscError(f"--calib-seqlen {calib_seqlen} must be at least 2.")
+
+
+def find_linears(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMul nodes whose second input is a 2-D float32 initializer: the model's linear layers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2:
+            out.append(node)
+    return out
+
+
+def _activation_names(model: onnx.ModelProto, linears: list[onnx.NodeProto]) -> list[str]:
+    """Distinct first inputs of the linears, in graph order; constants are not activations."""
+    inits = {t.name for t in model.graph.initializer}
+    names: list[str] = []
+    for node in linears:
+        x = node.input[0]
+        if x and x not in inits and x not in names:
+            names.append(x)
+    return names
+
+
+def _check_opset(model: onnx.ModelProto, path: str) -> None:
+    """Per-axis DequantizeLinear needs opset 13; the Optimum export is 18."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < 13:
+        raise TtfscError(f"{path}: opset {version} is too old for per-channel QDQ (needs 13+). "
+                         "Re-export the model with `ttfsc export` (opset 18).")
+
+
+# ---------------------------------------------------------------- onnxruntime sessions
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+@contextlib.contextmanager
+def _session(model: onnx.ModelProto, path: str) -> Iterator[Any]:
+    """A CPU session for ``model`` as it is now; external data is found by saving beside the original.
+
+    The temporary graph file is deleted as soon as the session has loaded it.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        if not _uses_external_data(model):
+            yield ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return
+        folder = modelio.model_dir(model)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".ttfsc-calib.", suffix=".onnx", dir=folder)
+        except OSError as exc:
+            raise TtfscError(f"{path}: cannot write a temporary calibration graph in {folder} ({exc.strerror}); "
+                             "copy the model to a writable folder.") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
+        finally:
+            os.unlink(tmp)
+        yield sess
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors become one clear line
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise TtfscError(f"{path}: onnxruntime cannot run the float model for calibration: "
+                         f"{str(exc).splitlines()[0][:300]}") from None
+
+
+# ---------------------------------------------------------------- model inputs
+
+@dataclass
+class DecoderInputs:
+    """How to feed an Optimum decoder one whole sequence with an empty KV cache."""
+
+    names: list[str]
+    past: dict[str, tuple[tuple[int, int, int, int], np.dtype]] = field(default_factory=dict)
+
+    def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        S = ids.shape[1]
+        out: dict[str, np.ndarray] = {}
+        for name in self.names:
+            if name == "input_ids":
+                out[name] = ids
+            elif name == "attention_mask":
+                out[name] = np.ones((1, S), dtype=np.int64)
+            elif name == "position_ids":
+                out[name] = np.arange(S, dtype=np.int64).reshape(1, S)
+            else:
+                shape, dtype = self.past[name]
+                out[name] = np.zeros(shape, dtype=dtype)
+        return out
+
+
+def _config(model_path: str) -> dict:
+    p = Path(model_path).parent / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kv_shape(inp: onnx.ValueInfoProto, cfg: dict, path: str) -> tuple[int, int, int, int]:
+    """[1, kv_heads, 0, head_dim] from the input's static dims, else from config.json."""
+    dims = inp.type.tensor_type.shape.dim
+    heads = dims[1].dim_value if len(dims) == 4 else 0
+    head_dim = dims[3].dim_value if len(dims) == 4 else 0
+    n_heads = cfg.get("num_attention_heads")
+    heads = heads or cfg.get("num_key_value_heads") or n_heads or 0
+    head_dim = head_dim or cfg.get("head_dim") or (cfg["hidden_size"] // n_heads if n_heads and "hidden_size" in cfg else 0)
+    if not heads or not head_dim:
+        raise TtfscError(f"{path}: input {inp.name} has no static kv_heads/head_dim and config.json beside the "
+                         "model does not give them; re-export with `ttfsc export` (it writes config.json).")
+    return (1, int(heads), 0, int(head_dim))
+
+
+def decoder_inputs(model: onnx.ModelProto, path: str) -> DecoderInputs:
+    """Inspect the graph inputs; anything an Optimum text-generation-with-past export lacks is an error."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in inputs]
+    if "input_ids" not in names:
+        raise TtfscError(f"{path}: the model has no input_ids input, so it cannot be calibrated on text; "
+                         "export a LLaMA decoder with `ttfsc export`, or pass calibration feeds through the API.")
+    cfg = _config(path)
+    spec = DecoderInputs(names)
+    for inp in inputs:
+        if inp.name in ("input_ids", "attention_mask", "position_ids"):
+            continue
+        if not inp.name.startswith("past_key_values."):
+            raise TtfscError(f"{path}: unexpected input {inp.name}; quantize expects an Optimum decoder "
+                             "(input_ids, attention_mask, position_ids, past_key_values.*). Re-export with `ttfsc export`.")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        spec.past[inp.name] = (_kv_shape(inp, cfg, path), dtype)
+    return spec
+
+
+# ---------------------------------------------------------------- calibration data
+
+def _load_tokenizer(model_path: str):
+    """The tokenizer beside the model, or None when there is none (or the module is not there yet)."""
+    try:
+        from ttfsc.runtime.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(model_path)
+    except (TtfscError, OSError, ValueError):
+        return None
+
+
+def text_sequences(text_path: str, model_path: str, samples: int, seqlen: int, log: Callable[[str], Any]) -> tuple[list[np.ndarray], str]:
+    """Cut the tokenized text into ``samples`` consecutive windows of ``seqlen`` tokens."""
+    p = Path(text_path)
+    if not p.is_file():
+        raise TtfscError(f"--calib {p}: no such file. Give a plain-text file, or omit --calib to self-generate.")
+    tok = _load_tokenizer(model_path)
+    if tok is None:
+        raise TtfscError(f"--calib {p}: no tokenizer found beside {model_path}; put the tokenizer files there "
+                         "(ttfsc export does) or omit --calib to calibrate on self-generated text.")
+    ids = np.asarray(tok.encode(p.read_text(encoding="utf-8", errors="replace"), bos=True), dtype=np.int64)
+    if ids.size < 2:
+        raise TtfscError(f"--calib {p}: the text gives fewer than 2 tokens; give a longer text.")
+    n = min(samples, ids.size // seqlen)
+    if n == 0:
+        log(f"calibration: {p.name} has only {ids.size} tokens (< {seqlen}); using it as one sequence")
+        return [ids], f"text {p.name}: 1 x {ids.size} tokens"
+    if n < samples:
+        log(f"calibration: {p.name} has {ids.size} tokens, enough for {n} of {samples} sequences")
+    return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)], f"text {p.name}: {n} x {seqlen} tokens"
+
+
+def _sample(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """One token at temperature 1.0."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"), p.size - 1))
+
+
+def self_generated(sess: Any, spec: DecoderInputs, bos: int, samples: int, seqlen: int) -> list[np.ndarray]:
+    """Sequences sampled from the float model itself, re-running the whole prefix (empty cache)."""
+    rng = np.random.default_rng(SEED)
+    seqs = []
+    for _ in range(samples):
+        ids = [bos]
+        while len(ids) < seqlen:
+            (logits,) = sess.run(["logits"], spec.feeds(np.asarray(ids)))
+            ids.append(_sample(logits[0, -1], rng))
+        seqs.append(np.asarray(ids, dtype=np.int64))
+    return seqs
+
+
+# ---------------------------------------------------------------- range observers
+
+class MinMax:
+    """Running min/max; NaN propagates so a non-finite tensor is detected and skipped."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi = np.inf, -np.inf
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size:
+            self.lo = float(min(self.lo, np.min(x)))
+            self.hi = float(max(self.hi, np.max(x)))
+            if np.isnan(np.min(x)):
+                self.lo = self.hi = float("nan")
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class Percentile:
+    """(100-p, p) percentiles over a bounded, seeded random subsample of each batch."""
+
+    def __init__(self, p: float, keep: int = PERCENTILE_SUBSAMPLE) -> None:
+        self.p, self.keep = p, keep
+        self.rng = np.random.default_rng(SEED)
+        self.parts: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        flat = np.asarray(x, dtype=np.float32).reshape(-1)
+        if flat.size > self.keep:
+            flat = flat[self.rng.choice(flat.size, self.keep, replace=False)]
+        self.parts.append(flat.copy())
+
+    def range(self) -> tuple[float, float]:
+        if not self.parts:
+            return float("nan"), float("nan")
+        values = np.concatenate(self.parts).astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            return float("nan"), float("nan")
+        lo, hi = np.percentile(values, [100.0 - self.p, self.p])
+        return float(lo), float(hi)
+
+
+def calibrate(sess: Any, names: Sequence[str], feeds_list: Iterable[dict[str, np.ndarray]], method: str,
+              percentile: float) -> dict[str, tuple[float, float]]:
+    """Observed (lo, hi) of each named tensor over all calibration feeds."""
+    make = (lambda: Percentile(percentile)) if method == "percentile" else MinMax
+    observers = {n: make() for n in names}
+    outputs = {o.name for o in sess.get_outputs()}
+    fetch = [n for n in names if n in outputs]
+    for feeds in feeds_list:
+        values = dict(zip(fetch, sess.run(fetch, feeds))) if fetch else {}
+        for n in names:
+            x = values[n] if n in values else feeds.get(n)
+            if x is not None:
+                observers[n].update(np.asarray(x))
+    return {n: ob.range() for n, ob in observers.items()}
+
+
+@contextlib.contextmanager
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[None]:
+    """Temporarily expose ``names`` as (type-less) graph outputs; onnxruntime infers their types."""
+    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    n_before = len(model.graph.output)
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    try:
+        yield
+    finally:
+        del model.graph.output[n_before:]
+
+
+def _calibration_feeds(model: onnx.ModelProto, sess: Any, path: str, calib: Any, samples: int, seqlen: int,
+                       log: Callable[[str], Any]) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Feeds for every calibration sequence, and a short description of where they came from."""
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):
+        feeds = [dict(f) for f in calib]
+        if not feeds:
+            raise TtfscError("calibration feeds are empty; give at least one input dict.")
+        return feeds, f"given feeds: {len(feeds)} batches"
+    spec = decoder_inputs(model, path)
+    if calib is not None:
+        seqs, desc = text_sequences(str(calib), path, samples, seqlen, log)
+    else:
+        tok = _load_tokenizer(path)
+        bos = int(tok.bos_id) if tok is not None and getattr(tok, "bos_id", None) is not None else DEFAULT_BOS
+        if tok is None:
+            log(f"calibration: no tokenizer beside {Path(path).name}; self-generating from BOS id {DEFAULT_BOS}")
+        if "logits" not in {o.name for o in model.graph.output}:
+            raise TtfscError(f"{path}: the model has no logits output, so it cannot generate its calibration text; "
+                             "give --calib FILE or re-export with `ttfsc export`.")
+        seqs = self_generated(sess, spec, bos, samples, seqlen)
+        desc = f"self-generated: {samples} x {seqlen} tokens from BOS {bos}, temperature 1.0, seed {SEED}"
+    return [spec.feeds(s) for s in seqs], desc
+
+
+# ---------------------------------------------------------------- activation parameters
+
+@dataclass(frozen=True)
+class ActParams:
+    """Per-tensor asymmetric quantizer of one activation, plus its exact clip range."""
+
+    scale: np.float32
+    zero_point: int
+    N: int
+    lo: np.float32
+    hi: np.float32
+
+
+def activation_params(lo: float, hi: float, abits: int) -> ActParams:
+    """scale = (max - min) / N with 0 inside the range; z = clip(round(-min/scale), 0, N)."""
+    N = window_for_bits(abits) - 1
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / N) if hi > lo else np.float32(1.0)  # all-zero tensor: any scale is exact
+    scale = max(scale, np.finfo(np.float32).tiny)
+    z = int(np.clip(np.round(-lo / np.float64(scale)), 0, N))
+    c_lo, c_hi = clip_bounds(float(scale), z, N)
+    return ActParams(scale, z, N, c_lo, c_hi)
+
+
+# ---------------------------------------------------------------- weights
+
+class WeightSpill:
+    """A temporary file that receives quantized weights, referenced by absolute path.
+
+    ``modelio.save_model`` streams every external tensor into the output's data file, so the
+    quantized weights never need to be in memory together; the spill is deleted afterwards.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=".ttfsc-qweights.", suffix=".tmp", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.offset = 0
+
+    def write(self, chunk: np.ndarray) -> None:
+        raw = np.ascontiguousarray(chunk).tobytes()
+        self.file.write(raw)
+        self.offset += len(raw)
+
+    def begin(self) -> int:
+        pad = (-self.offset) % 64
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        return self.offset
+
+    def tensor(self, name: str, dtype: int, dims: Sequence[int], start: int) -> TensorProto:
+        self.file.flush()
+        t = TensorProto(name=name, data_type=dtype, dims=list(dims), data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", os.path.abspath(self.path)), ("offset", str(start)), ("length", str(self.offset - start))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _row_blocks(w: np.ndarray) -> Iterator[np.ndarray]:
+    rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * 4))
+    for r in range(0, w.shape[0], rows):
+        yield np.asarray(w[r:r + rows], dtype=np.float32)
+
+
+def weight_scales(w: np.ndarray, qmax: int, name: str) -> np.ndarray:
+    """Per-output-channel scale max|W[:, c]| / qmax (1.0 for an all-zero column: codes are 0 anyway)."""
+    amax = np.zeros(w.shape[1], dtype=np.float32)
+    for block in _row_blocks(w):
+        if not np.all(np.isfinite(block)):
+            raise TtfscError(f"weight {name}: contains inf/NaN; the checkpoint is corrupt, re-export it.")
+        amax = np.maximum(amax, np.abs(block).max(axis=0))
+    scale = amax / np.float32(qmax)
+    scale[scale == 0] = 1.0
+    return scale.astype(np.float32)
+
+
+def weight_codes(block: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """Symmetric codes round-half-even(W / scale) in [-qmax, qmax], int8."""
+    return np.clip(np.rint(block / scale), -qmax, qmax).astype(np.int8)
+
+
+def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: WeightSpill) -> tuple[TensorProto, np.ndarray]:
+    """Quantize one [in, out] weight block by block; return its spilled int8 tensor and scales."""
+    w = inits.value(name)
+    scale = weight_scales(w, qmax, name)
+    start = spill.begin()
+    for block in _row_blocks(w):
+        spill.write(weight_codes(block, scale, qmax))
+    del w
+    return spill.tensor(f"{name}_quantized", TensorProto.INT8, inits.by_name[name].dims, start), scale
+
+
+# ---------------------------------------------------------------- graph rewriting
+
+class _Names:
+    """Unique tensor/node names: quantizer tensors must never collide with the model's."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        for n in g.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+            self.used.add(n.name)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def _scalar(value: Any, dtype: np.dtype, name: str) -> TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def activation_chain(x: str, p: ActParams, names: _Names) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """Clip -> QuantizeLinear -> DequantizeLinear for tensor ``x``; returns nodes, initializers, DQ output."""
+    wide = p.N > 255
+    zdtype, domain = (np.uint16, MS_DOMAIN) if wide else (np.uint8, "")
+    base = x.strip("/").replace("/", "_") or "act"
+    lo, hi, s, z = (names(f"{base}_clip_lo"), names(f"{base}_clip_hi"), names(f"{base}_scale"), names(f"{base}_zero_point"))
+    inits = [_scalar(p.lo, np.float32, lo), _scalar(p.hi, np.float32, hi), _scalar(p.scale, np.float32, s),
+             _scalar(p.zero_point, zdtype, z)]
+    clipped, q, dq = names(f"{base}_clipped"), names(f"{base}_quantized"), names(f"{base}_dequantized")
+    nodes = [
+        helper.make_node("Clip", [x, lo, hi], [clipped], name=names(f"{base}_Clip")),
+        helper.make_node("QuantizeLinear", [clipped, s, z], [q], name=names(f"{base}_QuantizeLinear"), domain=domain),
+        helper.make_node("DequantizeLinear", [q, s, z], [dq], name=names(f"{base}_DequantizeLinear"), domain=domain),
+    ]
+    return nodes, inits, dq
+
+
+def weight_chain(qt: TensorProto, scale: np.ndarray, names: _Names) -> tuple[onnx.NodeProto, list[TensorProto], str]:
+    """DequantizeLinear(axis=1) of an int8 weight with per-channel scales and zero points 0."""
+    base = qt.name.strip("/").replace("/", "_")
+    s, z, out = names(f"{base}_scale"), names(f"{base}_zero_point"), names(f"{base}_dequantized")
+    inits = [numpy_helper.from_array(scale, s), numpy_helper.from_array(np.zeros(scale.shape, np.int8), z)]
+    node = helper.make_node("DequantizeLinear", [qt.name, s, z], [out], name=names(f"{base}_DequantizeLinear"), axis=1)
+    return node, inits, out
+
+
+def _insert_before_consumers(model: onnx.ModelProto, chains: list[Chain]) -> None:
+    """Put each new chain right before the first node reading its output, keeping topological order."""
+    consumers: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        for x in node.input:
+            consumers.setdefault(x, i)
+    before: dict[int, list[onnx.NodeProto]] = {}
+    for nodes, out in chains:
+        before.setdefault(consumers[out], []).extend(nodes)
+    new_nodes = []
+    for i, node in enumerate(model.graph.node):
+        new_nodes.extend(before.get(i, []))
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+
+
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    used = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        used.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                for sub in a.g.node:
+                    used.update(sub.input)
+    return used
+
+
+def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
+    used = _used_names(model)
+    keep = [t for t in model.graph.initializer if t.name not in candidates or t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+
+
+def quantize_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], wbits: int,
+                     spill: WeightSpill) -> tuple[list[Chain], set[str]]:
+    """Point each linear at int8 codes + per-channel DQ; returns the DQ chains and replaced weights.
+
+    Nodes are rewired in place; the chains are inserted later in one pass (rebuilding the node
+    list copies the protobuf messages, so ``linears`` must not be used after that).
+    """
+    inits = modelio.Initializers(model)
+    names = _Names(model)
+    qmax = WEIGHT_BITS[wbits]
+    done: dict[str, str] = {}
+    chains, new_inits = [], []
+    for node in linears:
+        w = node.input[1]
+        if w not in done:
+            qt, scale = quantize_weight(inits, w, qmax, spill)
+            qt.name = names(qt.name)
+            dq_node, extra, out = weight_chain(qt, scale, names)
+            new_inits += [qt, *extra]
+            chains.append(([dq_node], out))
+            done[w] = out
+        node.input[1] = done[w]
+    model.graph.initializer.extend(new_inits)
+    return chains, set(done)
+
+
+def quantize_activations(model: onnx.ModelProto, linears: list[onnx.NodeProto],
+                         params: dict[str, ActParams]) -> list[Chain]:
+    """One shared Clip->Q->DQ per calibrated activation; every target reading it reads the DQ."""
+    names = _Names(model)
+    chains, new_inits, dq_of = [], [], {}
+    for x, p in params.items():
+        nodes, extra, dq = activation_chain(x, p, names)
+        chains.append((nodes, dq))
+        new_inits += extra
+        dq_of[x] = dq
+    for node in linears:
+        if node.input[0] in dq_of:
+            node.input[0] = dq_of[node.input[0]]
+    model.graph.initializer.extend(new_inits)
+    if any(p.N > 255 for p in params.values()) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return chains
+
+
+def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in entries.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+# ---------------------------------------------------------------- entry points
+
+def _log_ranges(ranges: dict[str, tuple[float, float]], params: dict[str, ActParams], log: Callable[[str], Any],
+                limit: int = 24) -> None:
+    for i, (name, p) in enumerate(params.items()):
+        if i == limit:
+            log(f"  ... {len(params) - limit} more")
+            break
+        lo, hi = ranges[name]
+        log(f"  {name}: [{lo:.4g}, {hi:.4g}] scale {float(p.scale):.4g} zero_point {p.zero_point}")
+
+
+def _split_finite(ranges: dict[str, tuple[float, float]], abits: int) -> tuple[dict[str, ActParams], list[str]]:
+    params, skipped = {}, []
+    for name, (lo, hi) in ranges.items():
+        if np.isfinite(lo) and np.isfinite(hi):
+            params[name] = activation_params(lo, hi, abits)
+        else:
+            skipped.append(name)
+    return params, skipped
+
+
+def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
+                   method: str = "minmax", percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
+                   calib_seqlen: int = 128, log: Callable[[str], Any] = print) -> dict:
+    """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
+
+    ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
+    dicts (used as is: for non-decoder graphs and tests).
+    """
+    _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen)
+    path = str(model_path)
+    model = modelio.load_model(path)
+    _check_opset(model, path)
+    linears = find_linears(model)
+    if not linears:
+        raise TtfscError(f"{path}: no MatMul with a float32 initializer weight to quantize; "
+                         "give a float model exported with `ttfsc export` (not an already quantized one).")
+    acts = _activation_names(model, linears)
+    t0 = time.perf_counter()
+    with _with_outputs(model, acts), _session(model, path) as sess:
+        feeds, desc = _calibration_feeds(model, sess, path, calib, calib_samples, calib_seqlen, log)
+        ranges = calibrate(sess, acts, feeds, method, percentile)
+        del sess
+    t_calib = time.perf_counter() - t0
+    params, skipped = _split_finite(ranges, abits)
+    for name in skipped:
+        log(f"skipped activation {name}: calibrated range {ranges[name]} is not finite; it stays float")
+    spill = WeightSpill(Path(out_path).resolve().parent)
+    try:
+        w_chains, replaced = quantize_weights(model, linears, wbits, spill)
+        a_chains = quantize_activations(model, linears, params)
+        _insert_before_consumers(model, w_chains + a_chains)
+        _drop_unused_initializers(model, replaced)
+        n_weights = len(replaced)
+        _set_metadata(model, {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method
+                              if method == "minmax" else f"percentile {percentile}", "ttfsc.calibration": desc})
+        modelio.save_model(model, out_path)
+    finally:
+        spill.close()
+    modelio.copy_sidecars(str(Path(path).resolve().parent), str(Path(out_path).resolve().parent))
+    summary = {
+        "model": path, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
+        "percentile": percentile if method == "percentile" else None, "weights": n_weights,
+        "activations": len(params), "skipped": skipped, "calibration": desc,
+        "calibration_seconds": round(t_calib, 3),
+        "ranges": {n: {"min": ranges[n][0], "max": ranges[n][1], "scale": float(p.scale), "zero_point": p.zero_point}
+                   for n, p in params.items()},
+    }
+    log(f"quantized {n_weights} weights to int{wbits} codes (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
+        f"{len(params)} activations to {abits} bits ({summary['method']}); {len(skipped)} skipped")
+    log(f"calibration: {desc} ({t_calib:.1f}s)")
+    if abits == 8 and wbits == 8:
+        log("note: W8A8 may saturate in onnxruntime's fused u8s8 kernels on CPUs without VNNI; "
+            "run it with session option session.disable_quant_qdq=1 for exact QDQ numerics")
+    _log_ranges(ranges, params, log)
+    log(f"wrote {out_path}")
+    return summary
+
+
+def quantize_cli(args: Any) -> int:
+    """``ttfsc quantize MODEL -o OUT [--wbits --abits --method --percentile --calib ...]``."""
+    quantize_model(args.model, args.output, wbits=args.wbits, abits=args.abits, method=args.method,
+                   percentile=args.percentile, calib=args.calib, calib_samples=args.calib_samples,
+                   calib_seqlen=args.calib_seqlen)
+    return 0

@@ -1,0 +1,336 @@
+"""Static PTQ to QDQ (compiler/quantize.py), checked numerically against onnxruntime.
+
+The hand-built graph is a one-head attention block: two linears share their input (q/k style),
+a -inf causal mask is added to the scores, and two more linears follow (one reads the masked
+scores, whose range is not finite, so its activation must stay float).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ttfsc.compiler import modelio
+from ttfsc.compiler.cli import main
+from ttfsc.compiler.errors import TtfscError
+from ttfsc.compiler.quantize import activation_params, quantize_model
+from ttfsc.ttfs import clip_bounds
+
+B, S, D, H, O = 2, 5, 8, 6, 4
+
+
+def _attention_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = {n: rng.standard_normal(shape).astype(np.float32) * 0.5
+         for n, shape in (("W1", (D, H)), ("W2", (D, H)), ("W3", (H, O)), ("W4", (S, 3)))}
+    mask = np.triu(np.full((S, S), -np.inf, dtype=np.float32), k=1)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["a"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "W2"], ["b"], name="k_proj"),
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["a", "bt"], ["s"], name="scores"),
+        helper.make_node("Add", ["s", "mask"], ["sm"], name="mask_add"),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "b"], ["o"], name="pv"),
+        helper.make_node("MatMul", ["o", "W3"], ["y"], name="o_proj"),
+        helper.make_node("MatMul", ["sm", "W4"], ["z"], name="masked_linear"),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()] + [numpy_helper.from_array(mask, "mask")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, O]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [B, S, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _feeds(n: int, seed: int = 1, outliers: bool = False) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((B, S, D)).astype(np.float32)
+        if outliers and not out:
+            x.reshape(-1)[[3, 17]] = (40.0, -40.0)  # 2 of 480 values over all batches
+        out.append({"x": x})
+    return out
+
+
+def _save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+def _session(model_or_path, extra_outputs=(), optimize: bool = False, fuse_qdq: bool = True) -> ort.InferenceSession:
+    """ORT session; ``fuse_qdq=False`` keeps Q/DQ as written (no integer-kernel fusion)."""
+    model = onnx.load(str(model_or_path)) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    for n in extra_outputs:
+        model.graph.output.append(onnx.ValueInfoProto(name=n))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if not fuse_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _quantize(tmp_path: Path, name: str = "q.onnx", external: bool = False, **kw) -> tuple[Path, dict]:
+    src = _save(_attention_model(), tmp_path / ("src_ext.onnx" if external else "src.onnx"), external)
+    out = tmp_path / name
+    kw.setdefault("calib", _feeds(4))
+    summary = quantize_model(src, out, log=lambda *_: None, **kw)
+    return out, summary
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if tensor in n.output)
+
+
+def _act_chain(model: onnx.ModelProto, dq_out: str):
+    """(clip, q, dq) nodes feeding tensor ``dq_out``."""
+    dq = _producer(model, dq_out)
+    q = _producer(model, dq.input[0])
+    clip = _producer(model, q.input[0])
+    return clip, q, dq
+
+
+def _fake_quant(x: np.ndarray, lo, hi, scale, z, N) -> np.ndarray:
+    """Numpy reference of Clip -> QuantizeLinear -> DequantizeLinear (round half to even)."""
+    c = np.clip(x, lo, hi).astype(np.float32)
+    q = np.clip(np.rint(c / np.float32(scale)) + z, 0, N)
+    return ((q - z).astype(np.float32) * np.float32(scale)).astype(np.float32)
+
+
+def _linear_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    return {n.name: (n.input[0], n.input[1]) for n in model.graph.node if n.op_type == "MatMul"}
+
+
+def _dequantized_weight(model: onnx.ModelProto, dq_out: str) -> tuple[np.ndarray, np.ndarray, onnx.NodeProto]:
+    inits = _inits(model)
+    dq = _producer(model, dq_out)
+    codes, scale = inits[dq.input[0]], inits[dq.input[1]]
+    return codes, (codes.astype(np.float32) * scale).astype(np.float32), dq
+
+
+# ---------------------------------------------------------------- structure
+
+def test_weights_become_int8_per_channel(tmp_path):
+    out, summary = _quantize(tmp_path, abits=6)
+    model = onnx.load(str(out))
+    inits = _inits(model)
+    lin = _linear_inputs(model)
+    assert summary["weights"] == 4
+    assert not {"W1", "W2", "W3", "W4"} & set(inits), "float weights must be removed"
+    src = _inits(_attention_model())
+    for node, w in (("q_proj", "W1"), ("k_proj", "W2"), ("o_proj", "W3"), ("masked_linear", "W4")):
+        codes, deq, dq = _dequantized_weight(model, lin[node][1])
+        assert dq.op_type == "DequantizeLinear" and dq.domain == ""
+        assert helper.get_attribute_value(dq.attribute[0]) == 1 and dq.attribute[0].name == "axis"
+        assert codes.dtype == np.int8 and codes.shape == src[w].shape
+        assert np.abs(codes).max() == 127 and codes.min() >= -127
+        assert not inits[dq.input[2]].any() and inits[dq.input[2]].dtype == np.int8
+        assert inits[dq.input[1]].shape == (src[w].shape[1],)
+        np.testing.assert_allclose(deq, src[w], atol=np.abs(src[w]).max() / 127)
+
+
+def test_shared_input_gets_one_chain_and_mask_add_stays_float(tmp_path):
+    out, summary = _quantize(tmp_path, abits=6)
+    model = onnx.load(str(out))
+    lin = _linear_inputs(model)
+    assert lin["q_proj"][0] == lin["k_proj"][0], "q/k share one Clip->Q->DQ"
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2  # x and o; sm skipped
+    assert sum(n.op_type == "Clip" for n in model.graph.node) == 2
+    clip, q, dq = _act_chain(model, lin["q_proj"][0])
+    assert clip.input[0] == "x" and (clip.op_type, q.op_type, dq.op_type) == ("Clip", "QuantizeLinear", "DequantizeLinear")
+    add = next(n for n in model.graph.node if n.name == "mask_add")
+    assert list(add.input) == ["s", "mask"]
+    assert lin["scores"] == ("a", "bt") and lin["pv"] == ("p", "b")
+    assert lin["masked_linear"][0] == "sm", "non-finite activation must stay float"
+    assert summary["skipped"] == ["sm"] and summary["activations"] == 2
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["ttfsc.abits"] == "6" and meta["ttfsc.wbits"] == "8" and meta["ttfsc.method"] == "minmax"
+    assert "4 batches" in meta["ttfsc.calibration"]
+    onnx.checker.check_model(model)
+
+
+def test_activation_params_use_clip_bounds():
+    p = activation_params(-1.5, 3.0, 6)
+    assert p.N == 63 and p.scale == np.float32(4.5 / 63)
+    assert p.zero_point == int(np.round(1.5 / np.float64(p.scale)))
+    assert (p.lo, p.hi) == clip_bounds(p.scale, p.zero_point, 63)
+    assert activation_params(0.5, 2.0, 4).zero_point == 0  # 0 is always inside the range
+    assert activation_params(-2.0, -0.5, 4).zero_point == 15
+
+
+# ---------------------------------------------------------------- numerics
+
+def test_qdq_matches_numpy_fake_quant_exactly(tmp_path):
+    abits = 6
+    N = (1 << abits) - 1
+    out, _ = _quantize(tmp_path, abits=abits)
+    model = onnx.load(str(out))
+    lin = _linear_inputs(model)
+    x_dq, o_dq = lin["q_proj"][0], lin["o_proj"][0]
+    chains = {name: _act_chain(model, name) for name in (x_dq, o_dq)}
+    inits = _inits(model)
+    q_outs = [c[1].output[0] for c in chains.values()]
+    sess = _session(out, extra_outputs=[x_dq, o_dq, "o", "a", "b", *q_outs])
+    x = _feeds(1, seed=7)[0]["x"]
+    x.reshape(-1)[:2] = (100.0, -100.0)  # outside the calibrated range: clipped to codes N and 0
+    res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    ref_in = {x_dq: x, o_dq: res["o"]}
+    for name, (clip, q, _) in chains.items():
+        lo, hi, scale, z = (inits[clip.input[1]], inits[clip.input[2]], inits[q.input[1]], int(inits[q.input[2]]))
+        assert inits[q.input[2]].dtype == np.uint8
+        np.testing.assert_array_equal(res[name], _fake_quant(ref_in[name], lo, hi, scale, z, N))
+        assert res[q.output[0]].max() <= N and res[q.output[0]].min() >= 0
+    assert res[q_outs[0]].max() == N and res[q_outs[0]].min() == 0, "clipped values reach the end codes"
+    for node, x_name, out_name in (("q_proj", x_dq, "a"), ("k_proj", x_dq, "b"), ("o_proj", o_dq, "y")):
+        _, w, _ = _dequantized_weight(model, lin[node][1])
+        np.testing.assert_array_equal(res[out_name], res[x_name] @ w)
+
+
+@pytest.mark.parametrize("abits", [4, 6, 8, 10])
+def test_abits_run_in_onnxruntime(tmp_path, abits):
+    N = (1 << abits) - 1
+    out, summary = _quantize(tmp_path, abits=abits)
+    model = onnx.load(str(out))
+    inits = _inits(model)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for q in qs:
+        assert q.domain == ("com.microsoft" if abits > 8 else "")
+        assert inits[q.input[2]].dtype == (np.uint16 if abits > 8 else np.uint8)
+    x = _feeds(1, seed=3)[0]
+    extra = [q.output[0] for q in qs]
+    for optimize in (False, True):
+        res = _session(out, extra_outputs=extra, optimize=optimize).run(None, x)
+        for codes in res[2:]:
+            assert 0 <= codes.min() and codes.max() <= N
+    assert np.all(np.isfinite(_session(out, optimize=True).run(["y"], x)[0]))
+    # Numerics without ORT's integer fusion: its u8s8 kernels can saturate on AVX2 CPUs at
+    # abits=8/wbits=8 (see the module docstring); unfused, fully optimised ORT equals the QDQ math.
+    got = _session(out, optimize=True, fuse_qdq=False).run(["y"], x)[0]
+    np.testing.assert_array_equal(got, _session(out).run(["y"], x)[0])
+    ref = _session(_attention_model()).run(["y"], x)[0]
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < {4: 0.5, 6: 0.12, 8: 0.04, 10: 0.04}[abits], err
+
+
+def test_close_to_float_w8a8(tmp_path):
+    out, _ = _quantize(tmp_path, abits=8, calib=_feeds(8))
+    x = _feeds(3, seed=11)
+    ref = _session(_attention_model())
+    got = _session(out)
+    for f in x:
+        r, g = ref.run(["y"], f)[0], got.run(["y"], f)[0]
+        assert np.abs(g - r).max() < 0.03 * np.abs(r).max()
+
+
+def test_wbits4_codes_within_7(tmp_path):
+    out, summary = _quantize(tmp_path, wbits=4, abits=8)
+    model = onnx.load(str(out))
+    lin = _linear_inputs(model)
+    for node in ("q_proj", "k_proj", "o_proj", "masked_linear"):
+        codes, _, _ = _dequantized_weight(model, lin[node][1])
+        assert codes.dtype == np.int8 and np.abs(codes).max() == 7
+    assert {p.key: p.value for p in model.metadata_props}["ttfsc.wbits"] == "4"
+    y = _session(out).run(["y"], _feeds(1, seed=5)[0])[0]
+    assert np.all(np.isfinite(y))
+
+
+def test_percentile_is_narrower_than_minmax_on_outliers(tmp_path):
+    calib = _feeds(6, outliers=True)
+    _, mm = _quantize(tmp_path, name="mm.onnx", calib=calib, method="minmax")
+    _, pc = _quantize(tmp_path, name="pc.onnx", calib=calib, method="percentile", percentile=99.0)
+    r_mm, r_pc = mm["ranges"]["x"], pc["ranges"]["x"]
+    assert (r_mm["min"], r_mm["max"]) == (-40.0, 40.0)
+    assert 1.0 < r_pc["max"] < 5.0 and -5.0 < r_pc["min"] < -1.0
+    assert r_pc["scale"] < r_mm["scale"]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "pc.onnx")).metadata_props}
+    assert meta["ttfsc.method"] == "percentile 99.0"
+    # deterministic subsampling: the same data gives the same ranges
+    _, pc2 = _quantize(tmp_path, name="pc2.onnx", calib=calib, method="percentile", percentile=99.0)
+    assert pc2["ranges"] == pc["ranges"]
+
+
+def test_external_data_model_quantizes_like_inline(tmp_path):
+    ext_dir, inl_dir = tmp_path / "ext", tmp_path / "inl"
+    ext_dir.mkdir(), inl_dir.mkdir()
+    out_ext, s_ext = _quantize(ext_dir, external=True)
+    out_inl, s_inl = _quantize(inl_dir)
+    assert s_ext["ranges"] == s_inl["ranges"]
+    assert (ext_dir / "q.onnx.data").exists()
+    assert not [p for p in os.listdir(ext_dir) if p.startswith(".")], "no temporaries left behind"
+    assert not [p for p in os.listdir(inl_dir) if p.startswith(".")]
+    x = _feeds(1, seed=9)[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y_ext = ort.InferenceSession(str(out_ext), so, providers=["CPUExecutionProvider"]).run(["y"], x)[0]
+    y_inl = ort.InferenceSession(str(out_inl), so, providers=["CPUExecutionProvider"]).run(["y"], x)[0]
+    np.testing.assert_array_equal(y_ext, y_inl)
+    # the quantized weights live in the output's data file, read back through modelio
+    m = modelio.load_model(out_ext)
+    inits = modelio.Initializers(m)
+    codes = [inits.value(t.name) for t in m.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(codes) == 4 and all(np.abs(c).max() == 127 for c in codes)
+
+
+# ---------------------------------------------------------------- errors
+
+def _cli_error(capsys, argv, out: Path) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ttfsc: error: ")
+    assert not out.exists()
+    assert not [p for p in os.listdir(out.parent) if p.startswith(".")]
+    return err
+
+
+def test_cli_missing_file(tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    err = _cli_error(capsys, ["quantize", str(tmp_path / "missing.onnx"), "-o", str(out)], out)
+    assert "missing.onnx" in err and "no such file" in err
+
+
+def test_cli_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    out = tmp_path / "x.onnx"
+    err = _cli_error(capsys, ["quantize", str(bad), "-o", str(out)], out)
+    assert "bad.onnx" in err and "not a valid ONNX model" in err
+
+
+def test_cli_bad_abits(tmp_path, capsys):
+    src = _save(_attention_model(), tmp_path / "m.onnx")
+    out = tmp_path / "x.onnx"
+    err = _cli_error(capsys, ["quantize", str(src), "-o", str(out), "--abits", "13"], out)
+    assert "--abits 13" in err
+
+
+def test_no_quantizable_matmul(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    src = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "relu.onnx")
+    with pytest.raises(TtfscError, match="relu.onnx: no MatMul"):
+        quantize_model(src, tmp_path / "x.onnx", calib=[{"x": np.ones(2, np.float32)}], log=lambda *_: None)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bad_wbits_api(tmp_path):
+    with pytest.raises(TtfscError, match="--wbits 6"):
+        quantize_model(tmp_path / "m.onnx", tmp_path / "x.onnx", wbits=6)
