@@ -7,9 +7,7 @@ that read them become receptions (decode_matmul_to_receive), then dead weight de
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -86,20 +84,30 @@ def latency_per_token(model: onnx.ModelProto) -> int:
     return max(best.values(), default=0)
 
 
-def _check(model: onnx.ModelProto, path: str) -> None:
+def _check_rewritten(model: onnx.ModelProto, path: str) -> None:
     left = leftover_activation_qdq(model)
     if left:
         raise TtfscError(f"{path}: {len(left)} activation quantizers could not become TTFS stages "
                          f"(first: {left[0]}); see --json for the reason each was skipped.")
+
+
+def _check_saved(out_path: str, src: str) -> None:
+    """onnx.checker on the written file (by path, so external data is checked where it lives)."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(out_path))
     except onnx.checker.ValidationError as exc:
-        raise TtfscError(f"{path}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        for p in (Path(out_path), Path(str(out_path) + ".data")):
+            p.unlink(missing_ok=True)
+        raise TtfscError(f"{src}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
 def compile_model(model_path: str, out_path: str, T: int, requantize: bool = False,
                   quant_options: dict | None = None, log=print) -> dict:
-    """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``."""
+    """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``.
+
+    A float model is first quantized with A = log2(T) bits; that QANN is kept beside the output
+    (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs.
+    """
     try:
         bits = bits_for_window(T)
     except ValueError as exc:
@@ -108,26 +116,33 @@ def compile_model(model_path: str, out_path: str, T: int, requantize: bool = Fal
     model = load_model(model_path)
     src_dir = model_dir(model)
     report: dict = {"input": str(model_path), "T": T}
-    with tempfile.TemporaryDirectory(prefix=".ttfsc-q-", dir=Path(out_path).resolve().parent) as tmp:
-        if not is_qdq(model):
-            model, report["quantized"] = _quantize_first(model_path, tmp, bits, quant_options or {}, log)
-        report["passes"] = run_passes(model, T, requantize)
-        _check(model, model_path)
-        report["stages"] = stages(model)
-        report["latency_steps_per_token"] = latency_per_token(model)
-        _set_meta(model, T)
-        save_model(model, out_path)
+    if not is_qdq(model):
+        qann_path = qann_path_for(out_path)
+        model, report["quantized"] = _quantize_first(model_path, qann_path, bits, quant_options or {}, log)
+        report["qann"] = qann_path
+    report["passes"] = run_passes(model, T, requantize)
+    _check_rewritten(model, model_path)
+    report["stages"] = stages(model)
+    report["latency_steps_per_token"] = latency_per_token(model)
+    _set_meta(model, T)
+    save_model(model, out_path)
+    _check_saved(out_path, model_path)
     copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
     report["compile_seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
 
-def _quantize_first(model_path: str, tmp: str, bits: int, opts: dict, log) -> tuple[onnx.ModelProto, dict]:
+def qann_path_for(out_path: str) -> str:
+    p = Path(out_path)
+    stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
+    return str(p.with_name(stem + ".qann.onnx"))
+
+
+def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> tuple[onnx.ModelProto, dict]:
     from ttfsc.compiler.quantize import quantize_model
 
     log(f"ttfsc: {model_path} has no activation QuantizeLinear/DequantizeLinear: quantizing it first "
-        f"with A{bits} (= log2 T) activations, W{opts.get('wbits', 8)} weights.")
-    qpath = os.path.join(tmp, "model.qdq.onnx")
+        f"with A{bits} (= log2 T) activations and W{opts.get('wbits', 8)} weights; the QANN is kept at {qpath}.")
     summary = quantize_model(model_path, qpath, abits=bits, log=log, **opts)
     return load_model(qpath), summary
 
