@@ -334,3 +334,58 @@ def test_no_quantizable_matmul(tmp_path):
 def test_bad_wbits_api(tmp_path):
     with pytest.raises(TtfscError, match="--wbits 6"):
         quantize_model(tmp_path / "m.onnx", tmp_path / "x.onnx", wbits=6)
+
+
+# ---------------------------------------------------------------- end to end on a tiny LLaMA export
+
+def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
+    """Logits of one whole sequence with an empty KV cache (what calibration feeds)."""
+    from ttfsc.compiler.quantize import decoder_inputs
+    spec = decoder_inputs(modelio.load_model(path), str(path))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not fuse_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], spec.feeds(ids))[0][0]
+
+
+def test_tiny_llama_w8a6_self_generated(tiny_llama_onnx, tmp_path):
+    out = tmp_path / "qdq" / "model.onnx"
+    lines: list[str] = []
+    summary = quantize_model(tiny_llama_onnx, out, wbits=8, abits=6, calib_samples=2, calib_seqlen=24,
+                             log=lines.append)
+    assert summary["weights"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    assert summary["activations"] == 2 * 4 + 1 and not summary["skipped"]
+    assert summary["calibration"].startswith("self-generated: 2 x 24 tokens from BOS 1")
+    assert any(line.startswith("quantized 15 weights") for line in lines)
+    assert (out.parent / "tokenizer.json").exists() and (out.parent / "config.json").exists()
+    model = onnx.load(str(out), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert (meta["ttfsc.abits"], meta["ttfsc.wbits"], meta["ttfsc.method"]) == ("6", "8", "minmax")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 9 and ops.count("Clip") >= 9
+    assert not any(n.op_type == "Add" and n.input[0].endswith("_dequantized") for n in model.graph.node)
+    ids = np.array([1, 40, 71, 72, 3, 80, 69, 76, 76, 79, 14, 3, 55, 79, 82], dtype=np.int64)
+    ref = _decoder_run(tiny_llama_onnx, ids)
+    for fuse in (True, False):
+        got = _decoder_run(out, ids, fuse_qdq=fuse)
+        assert np.all(np.isfinite(got))
+        rel = np.abs(got - ref).max() / np.abs(ref).max()
+        corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+        assert rel < 0.15 and corr > 0.99, (rel, corr)  # measured: 0.048, 0.9987
+
+
+def test_tiny_llama_text_calibration_cli(tiny_llama_onnx, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a tiny model that liked to count spikes. " * 8)
+    out = tmp_path / "q10.onnx"
+    argv = ["quantize", str(tiny_llama_onnx), "-o", str(out), "--abits", "10", "--method", "percentile",
+            "--calib", str(text), "--calib-samples", "3", "--calib-seqlen", "32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "text calib.txt: 3 x 32 tokens" in printed and "to 10 bits (percentile)" in printed
+    model = onnx.load(str(out), load_external_data=False)
+    assert any(o.domain == "com.microsoft" for o in model.opset_import)
+    ids = np.arange(1, 20, dtype=np.int64)
+    assert np.all(np.isfinite(_decoder_run(out, ids)))
