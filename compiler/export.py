@@ -15,13 +15,16 @@ one exporter (optimum-onnx) produces every graph. The tokenizer is saved beside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import struct
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -61,7 +64,8 @@ def export_model(src: str | os.PathLike, out_path: str | os.PathLike,
     kind = detect_format(src)
     with tempfile.TemporaryDirectory(prefix="ttfsc-export-") as work:
         work = Path(work)
-        hf_dir, stage = _prepare_hf_folder(src, kind, work, tokenizer)
+        with _quiet():
+            hf_dir, stage = _prepare_hf_folder(src, kind, work, tokenizer)
         onnx_dir = work / "onnx"
         _run_optimum(hf_dir, onnx_dir)
         model = load_model(onnx_dir / "model.onnx")
@@ -155,7 +159,8 @@ def _save_hf_tokenizer(load_dir: Path, stage: Path, src: Path, gguf_file: str | 
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
         raise TtfscError(f"{src}: could not load its tokenizer ({exc.__class__.__name__}: {exc}). "
                          "Add the tokenizer files (tokenizer.json / tokenizer.model) to the checkpoint.") from None
-    tok.save_pretrained(str(stage))
+    # Fast files only: a GGUF tokenizer would otherwise copy the whole .gguf as "tokenizer.model".
+    tok.save_pretrained(str(stage), legacy_format=False if tok.is_fast else None)
 
 
 def _gguf_to_hf(src: Path, hf_dir: Path) -> None:
@@ -175,10 +180,25 @@ def _gguf_to_hf(src: Path, hf_dir: Path) -> None:
 def _run_optimum(hf_dir: Path, onnx_dir: Path) -> None:
     """One graph for prefill and decode: task with past, no decoder merging post-process."""
     from optimum.exporters.onnx import main_export
-    main_export(str(hf_dir), str(onnx_dir), task="text-generation-with-past", no_post_process=True,
-                do_validation=False, local_files_only=True, dtype="fp32")
+    with _quiet():
+        main_export(str(hf_dir), str(onnx_dir), task="text-generation-with-past", no_post_process=True,
+                    do_validation=False, local_files_only=True, dtype="fp32")
     if not (onnx_dir / "model.onnx").is_file():
         raise TtfscError(f"{hf_dir}: optimum-onnx produced no model.onnx ({sorted(os.listdir(onnx_dir))}).")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide the tracer's and transformers' warnings: they concern the exporter, not the user."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _publish_sidecars(stage: Path, out_dir: Path) -> None:
