@@ -645,6 +645,30 @@ def _split_finite(ranges: dict[str, tuple[float, float]], abits: int) -> tuple[d
     return params, skipped
 
 
+def _calibrate_model(model: onnx.ModelProto, path: str, acts: list[str], calib: Any, method: str, percentile: float,
+                     samples: int, seqlen: int, log: Callable[[str], Any]) -> tuple[dict[str, tuple[float, float]], str]:
+    """Ranges of ``acts`` from the float model, which is left exactly as it was loaded."""
+    with _with_outputs(model, acts), _session(model, path) as sess:
+        feeds, desc = _calibration_feeds(model, sess, path, calib, samples, seqlen, log)
+        return calibrate(sess, acts, feeds, method, percentile), desc
+
+
+def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
+                meta: dict[str, str], out_path: str | os.PathLike) -> int:
+    """Rewrite ``model`` into the QDQ form and save it; quantized weights pass through a spill file."""
+    spill = WeightSpill(Path(out_path).resolve().parent)
+    try:
+        w_chains, replaced = quantize_weights(model, linears, wbits, spill)
+        a_chains = quantize_activations(model, linears, params)
+        _insert_before_consumers(model, w_chains + a_chains)
+        _drop_unused_initializers(model, replaced)
+        _set_metadata(model, meta)
+        modelio.save_model(model, out_path)
+    finally:
+        spill.close()
+    return len(replaced)
+
+
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
                    method: str = "minmax", percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, log: Callable[[str], Any] = print) -> dict:
@@ -663,26 +687,14 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                          "give a float model exported with `ttfsc export` (not an already quantized one).")
     acts = _activation_names(model, linears)
     t0 = time.perf_counter()
-    with _with_outputs(model, acts), _session(model, path) as sess:
-        feeds, desc = _calibration_feeds(model, sess, path, calib, calib_samples, calib_seqlen, log)
-        ranges = calibrate(sess, acts, feeds, method, percentile)
-        del sess
+    ranges, desc = _calibrate_model(model, path, acts, calib, method, percentile, calib_samples, calib_seqlen, log)
     t_calib = time.perf_counter() - t0
     params, skipped = _split_finite(ranges, abits)
     for name in skipped:
         log(f"skipped activation {name}: calibrated range {ranges[name]} is not finite; it stays float")
-    spill = WeightSpill(Path(out_path).resolve().parent)
-    try:
-        w_chains, replaced = quantize_weights(model, linears, wbits, spill)
-        a_chains = quantize_activations(model, linears, params)
-        _insert_before_consumers(model, w_chains + a_chains)
-        _drop_unused_initializers(model, replaced)
-        n_weights = len(replaced)
-        _set_metadata(model, {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method
-                              if method == "minmax" else f"percentile {percentile}", "ttfsc.calibration": desc})
-        modelio.save_model(model, out_path)
-    finally:
-        spill.close()
+    method_desc = method if method == "minmax" else f"percentile {percentile}"
+    meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc, "ttfsc.calibration": desc}
+    n_weights = _write_qann(model, linears, params, wbits, meta, out_path)
     modelio.copy_sidecars(str(Path(path).resolve().parent), str(Path(out_path).resolve().parent))
     summary = {
         "model": path, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
@@ -692,8 +704,9 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
         "ranges": {n: {"min": ranges[n][0], "max": ranges[n][1], "scale": float(p.scale), "zero_point": p.zero_point}
                    for n, p in params.items()},
     }
-    log(f"quantized {n_weights} weights to int{wbits} codes (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
-        f"{len(params)} activations to {abits} bits ({summary['method']}); {len(skipped)} skipped")
+    stored = "int8" if wbits == 8 else "int4 codes stored in int8"
+    log(f"quantized {n_weights} weights to {stored} (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
+        f"{len(params)} activations to {abits} bits ({method}); {len(skipped)} skipped")
     log(f"calibration: {desc} ({t_calib:.1f}s)")
     if abits == 8 and wbits == 8:
         log("note: W8A8 may saturate in onnxruntime's fused u8s8 kernels on CPUs without VNNI; "

@@ -358,7 +358,7 @@ def test_tiny_llama_w8a6_self_generated(tiny_llama_onnx, tmp_path):
     assert summary["weights"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert summary["activations"] == 2 * 4 + 1 and not summary["skipped"]
     assert summary["calibration"].startswith("self-generated: 2 x 24 tokens from BOS 1")
-    assert any(line.startswith("quantized 15 weights") for line in lines)
+    assert any(line.startswith("quantized 15 weights to int8") for line in lines)
     assert (out.parent / "tokenizer.json").exists() and (out.parent / "config.json").exists()
     model = onnx.load(str(out), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
