@@ -22,7 +22,7 @@ from ttfsc.compiler.errors import TtfscError
 from ttfsc.compiler.modelio import Initializers, load_model, model_dir
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.ops import EMIT, EmitSpec
-from ttfsc.runtime.session import open_session, session_from_model
+from ttfsc.runtime.session import exact_options, open_session, session_from_model
 from ttfsc.ttfs import DOMAIN, is_exact_tie, spike_count, time_dtype
 
 
@@ -108,7 +108,8 @@ def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 
            log=print) -> dict:
     qann, snn = load_model(qdq_path), load_model(snn_path)
     probes = find_probes(qann, snn)
-    q_sess = session_from_model(_with_outputs(qann, [n for p in probes for n in (p.codes, p.value)]))
+    q_sess = session_from_model(_with_outputs(qann, [n for p in probes for n in (p.codes, p.value)]),
+                                exact_options(snn))
     s_sess = open_session(_with_outputs(snn, [p.spikes for p in probes]))
     q_gen, s_gen = Generator(q_sess, model_dir(qann)), Generator(s_sess, model_dir(snn))
     tok = _tokenizer(snn_path)
@@ -145,7 +146,7 @@ def _vocab(gen: Generator, bos: int) -> int:
 def _greedy(qann, snn, seqs: dict, tokens: int, bos: int) -> dict:
     """Greedy generation with the production sessions (no probes) and the KV cache."""
     prompt = (seqs.get("text") or [bos])[:16]
-    a = Generator(session_from_model(qann), model_dir(qann)).generate(prompt, tokens, stop_at_eos=False)
+    a = Generator(session_from_model(qann, exact_options(snn)), model_dir(qann)).generate(prompt, tokens, stop_at_eos=False)
     b = Generator(open_session(snn), model_dir(snn)).generate(prompt, tokens, stop_at_eos=False)
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     return {"prompt_tokens": len(prompt), "tokens": len(a), "identical": a == b, "first_divergence": first}

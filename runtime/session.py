@@ -79,10 +79,32 @@ def session_from_model(model: onnx.ModelProto, sess_options: ort.SessionOptions 
             os.unlink(tmp)
 
 
+SATURATION_FREE_T = 128  # 2 * 127 * 127 < 2^15: u8s8 pair sums cannot saturate below this window
+
+
+def widest_window(model: onnx.ModelProto) -> int:
+    return max((int(a.i) for n in model.graph.node if n.domain == DOMAIN
+                for a in n.attribute if a.name in ("window", "window_in")), default=0)
+
+
+def exact_options(model: onnx.ModelProto, so: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """Session options that keep the integer math exact for this model.
+
+    onnxruntime fuses DQ->MatMul into its u8s8 kernel, which on x86 CPUs without VNNI adds pairs
+    of products in int16 and saturates once activation codes exceed 127 (T > 128). For such
+    windows the Q/DQ fusions are disabled, so the MatMuls run in float on exact integer codes.
+    """
+    so = so or default_options()
+    if widest_window(model) > SATURATION_FREE_T:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
 def open_session(path: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers: list[str] | None = None) -> ort.InferenceSession:
     """Open a spiking (or plain) ONNX model in onnxruntime, with the TTFS kernels installed."""
     model = path if isinstance(path, onnx.ModelProto) else load_model(Path(path))
     if has_ttfs_ops(model):
+        sess_options = exact_options(model, sess_options)
         model = lower_model(model)
     return session_from_model(model, sess_options, providers)
