@@ -166,15 +166,72 @@ def _save_hf_tokenizer(load_dir: Path, stage: Path, src: Path, gguf_file: str | 
 def _gguf_to_hf(src: Path, hf_dir: Path) -> None:
     """Dequantize a GGUF checkpoint into an fp32 transformers folder."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    arch = gguf_architecture(src)
+    if arch is not None:
+        _check_architecture({"model_type": arch}, src)
     try:
-        config = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
-    except Exception as exc:  # noqa: BLE001
-        raise TtfscError(f"{src}: transformers cannot read this GGUF file ({exc}). "
-                         "Use a LLaMA-architecture GGUF (install gguf and accelerate).") from None
-    _check_architecture(config.to_dict(), src)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        with _no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise TtfscError(f"{src}: transformers cannot read this GGUF file ({exc.__class__.__name__}: {exc}). "
+                         "Use a LLaMA-architecture GGUF (needs the gguf and accelerate packages).") from None
+    _check_architecture(model.config.to_dict(), src)
     model.save_pretrained(str(hf_dir))
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """transformers' GGUF loader draws a tqdm bar that ignores its own progress-bar switch."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING = 8
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` from the GGUF header, read without parsing the whole file.
+
+    transformers parses every key (tokenizer included) just to build a config, which takes
+    seconds; the architecture is one of the first keys, so an unsupported model fails fast.
+    None when it is not among the leading scalar/string keys.
+    """
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            return None
+        n_kv = struct.unpack_from("<Q", head, 16)[0]
+        for _ in range(min(n_kv, 64)):
+            key = _gguf_string(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if vtype == _GGUF_STRING:
+                value = _gguf_string(f)
+                if key == "general.architecture":
+                    return value
+            elif vtype in _GGUF_SCALAR_SIZES:
+                f.seek(_GGUF_SCALAR_SIZES[vtype], os.SEEK_CUR)
+            else:
+                return None
+    return None
+
+
+def _gguf_string(f) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8", errors="replace")
 
 
 def _run_optimum(hf_dir: Path, onnx_dir: Path) -> None:
@@ -191,14 +248,17 @@ def _run_optimum(hf_dir: Path, onnx_dir: Path) -> None:
 def _quiet() -> Iterator[None]:
     """Hide the tracer's and transformers' warnings: they concern the exporter, not the user."""
     from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _publish_sidecars(stage: Path, out_dir: Path) -> None:

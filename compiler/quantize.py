@@ -44,11 +44,10 @@ in row blocks and spilled to a temporary file that ``modelio.save_model`` stream
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -58,6 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
+from ttfsc.runtime.generate import Generator
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
 MS_DOMAIN = "com.microsoft"
@@ -163,71 +163,13 @@ def _session(model: onnx.ModelProto, path: str) -> Iterator[Any]:
 
 # ---------------------------------------------------------------- model inputs
 
-@dataclass
-class DecoderInputs:
-    """How to feed an Optimum decoder one whole sequence with an empty KV cache."""
-
-    names: list[str]
-    past: dict[str, tuple[tuple[int, int, int, int], np.dtype]] = field(default_factory=dict)
-
-    def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        S = ids.shape[1]
-        out: dict[str, np.ndarray] = {}
-        for name in self.names:
-            if name == "input_ids":
-                out[name] = ids
-            elif name == "attention_mask":
-                out[name] = np.ones((1, S), dtype=np.int64)
-            elif name == "position_ids":
-                out[name] = np.arange(S, dtype=np.int64).reshape(1, S)
-            else:
-                shape, dtype = self.past[name]
-                out[name] = np.zeros(shape, dtype=dtype)
-        return out
-
-
-def _config(model_path: str) -> dict:
-    p = Path(model_path).parent / "config.json"
+def decoder(sess: Any, path: str) -> Generator:
+    """The shared KV-cache driver (feeds, generation) for a session of an exported decoder."""
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _kv_shape(inp: onnx.ValueInfoProto, cfg: dict, path: str) -> tuple[int, int, int, int]:
-    """[1, kv_heads, 0, head_dim] from the input's static dims, else from config.json."""
-    dims = inp.type.tensor_type.shape.dim
-    heads = dims[1].dim_value if len(dims) == 4 else 0
-    head_dim = dims[3].dim_value if len(dims) == 4 else 0
-    n_heads = cfg.get("num_attention_heads")
-    heads = heads or cfg.get("num_key_value_heads") or n_heads or 0
-    head_dim = head_dim or cfg.get("head_dim") or (cfg["hidden_size"] // n_heads if n_heads and "hidden_size" in cfg else 0)
-    if not heads or not head_dim:
-        raise TtfscError(f"{path}: input {inp.name} has no static kv_heads/head_dim and config.json beside the "
-                         "model does not give them; re-export with `ttfsc export` (it writes config.json).")
-    return (1, int(heads), 0, int(head_dim))
-
-
-def decoder_inputs(model: onnx.ModelProto, path: str) -> DecoderInputs:
-    """Inspect the graph inputs; anything an Optimum text-generation-with-past export lacks is an error."""
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    names = [i.name for i in inputs]
-    if "input_ids" not in names:
-        raise TtfscError(f"{path}: the model has no input_ids input, so it cannot be calibrated on text; "
-                         "export a LLaMA decoder with `ttfsc export`, or pass calibration feeds through the API.")
-    cfg = _config(path)
-    spec = DecoderInputs(names)
-    for inp in inputs:
-        if inp.name in ("input_ids", "attention_mask", "position_ids"):
-            continue
-        if not inp.name.startswith("past_key_values."):
-            raise TtfscError(f"{path}: unexpected input {inp.name}; quantize expects an Optimum decoder "
-                             "(input_ids, attention_mask, position_ids, past_key_values.*). Re-export with `ttfsc export`.")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        spec.past[inp.name] = (_kv_shape(inp, cfg, path), dtype)
-    return spec
+        return Generator(sess, Path(path).parent)
+    except TtfscError:
+        raise TtfscError(f"{path}: the model has no input_ids input or logits output, so it cannot be calibrated on "
+                         "text; export a LLaMA decoder with `ttfsc export`, or pass calibration feeds through the API.") from None
 
 
 # ---------------------------------------------------------------- calibration data
@@ -274,17 +216,10 @@ def _sample(logits: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"), p.size - 1))
 
 
-def self_generated(sess: Any, spec: DecoderInputs, bos: int, samples: int, seqlen: int) -> list[np.ndarray]:
-    """Sequences sampled from the float model itself, re-running the whole prefix (empty cache)."""
-    rng = np.random.default_rng(SEED)
-    seqs = []
-    for _ in range(samples):
-        ids = [bos]
-        while len(ids) < seqlen:
-            (logits,) = sess.run(["logits"], spec.feeds(np.asarray(ids)))
-            ids.append(_sample(logits[0, -1], rng))
-        seqs.append(np.asarray(ids, dtype=np.int64))
-    return seqs
+def self_generated(gen: Generator, bos: int, samples: int, seqlen: int) -> list[np.ndarray]:
+    """Sequences sampled from the float model itself (temperature 1.0, seeded, KV cache)."""
+    return [np.asarray([bos] + gen.generate([bos], seqlen - 1, temperature=1.0, seed=SEED + i, stop_at_eos=False),
+                       dtype=np.int64) for i in range(samples)]
 
 
 # ---------------------------------------------------------------- range observers
@@ -368,7 +303,7 @@ def _calibration_feeds(model: onnx.ModelProto, sess: Any, path: str, calib: Any,
         if not feeds:
             raise TtfscError("calibration feeds are empty; give at least one input dict.")
         return feeds, f"given feeds: {len(feeds)} batches"
-    spec = decoder_inputs(model, path)
+    gen = decoder(sess, path)
     if calib is not None:
         seqs, desc = text_sequences(str(calib), path, samples, seqlen, log)
     else:
@@ -376,12 +311,9 @@ def _calibration_feeds(model: onnx.ModelProto, sess: Any, path: str, calib: Any,
         bos = int(tok.bos_id) if tok is not None and getattr(tok, "bos_id", None) is not None else DEFAULT_BOS
         if tok is None:
             log(f"calibration: no tokenizer beside {Path(path).name}; self-generating from BOS id {DEFAULT_BOS}")
-        if "logits" not in {o.name for o in model.graph.output}:
-            raise TtfscError(f"{path}: the model has no logits output, so it cannot generate its calibration text; "
-                             "give --calib FILE or re-export with `ttfsc export`.")
-        seqs = self_generated(sess, spec, bos, samples, seqlen)
+        seqs = self_generated(gen, bos, samples, seqlen)
         desc = f"self-generated: {samples} x {seqlen} tokens from BOS {bos}, temperature 1.0, seed {SEED}"
-    return [spec.feeds(s) for s in seqs], desc
+    return [gen.feeds(s) for s in seqs], desc
 
 
 # ---------------------------------------------------------------- activation parameters

@@ -23,7 +23,7 @@ from ttfsc.compiler.modelio import Initializers, load_model, model_dir
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.ops import EMIT, EmitSpec
 from ttfsc.runtime.session import exact_options, open_session, session_from_model
-from ttfsc.ttfs import DOMAIN, is_exact_tie, spike_count, time_dtype
+from ttfsc.ttfs import DOMAIN, is_exact_tie, spike_count
 
 
 @dataclass
@@ -88,20 +88,8 @@ def compare(probes: list[Probe], qann_out: dict, snn_out: dict) -> None:
 def _run(gen: Generator, ids: list[int], extra: list[str]) -> dict:
     """One full-sequence forward with the probe tensors fetched as well."""
     names = ["logits"] + extra
-    feeds = gen.feeds(np.asarray([ids], dtype=np.int64), None) if hasattr(gen, "feeds") else _feeds(gen, ids)
+    feeds = gen.feeds(np.asarray([ids], dtype=np.int64), None)
     return dict(zip(names, gen.session.run(names, feeds)))
-
-
-def _feeds(gen: Generator, ids: list[int]) -> dict:
-    x = np.asarray([ids], dtype=np.int64)
-    feeds = {"input_ids": x}
-    if "attention_mask" in gen.input_names:
-        feeds["attention_mask"] = np.ones_like(x)
-    if "position_ids" in gen.input_names:
-        feeds["position_ids"] = np.arange(x.shape[1], dtype=np.int64)[None]
-    for i, (k, v) in enumerate(gen.empty_past()):
-        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
-    return feeds
 
 
 def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 64, seed: int = 0,

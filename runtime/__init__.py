@@ -2,4 +2,6 @@
 
 The one documented call: ``ttfsc.runtime.open_session(path)``.
 """
-from ttfsc.runtime.session import open_session  # noqa: F401
+from ttfsc.runtime.session import open_session
+
+__all__ = ["open_session"]

@@ -32,7 +32,8 @@ class Generator:
         self.session = session
         inputs = {i.name: i for i in session.get_inputs()}
         self.input_names = set(inputs)
-        self.output_names = [o.name for o in session.get_outputs()]
+        # only what decoding needs: extra outputs (calibration/verify probes) are fetched explicitly
+        self.output_names = [o.name for o in session.get_outputs() if o.name == "logits" or o.name.startswith("present.")]
         if "input_ids" not in inputs or "logits" not in self.output_names:
             raise TtfscError("model has no input_ids input or logits output; export it with `ttfsc export`.")
         self.config = _read_config(model_dir)
@@ -65,8 +66,8 @@ class Generator:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
         return [(z, z) for _ in range(self.num_layers)]
 
-    def forward(self, input_ids: np.ndarray, past: Past | None = None) -> tuple[np.ndarray, Past]:
-        """Run the graph on ``input_ids`` [batch, seq] after ``past``; return (logits, present)."""
+    def feeds(self, input_ids: np.ndarray, past: Past | None = None) -> dict[str, np.ndarray]:
+        """Graph inputs for ``input_ids`` [batch, seq] (or [seq]) after ``past`` (empty if None)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -80,7 +81,11 @@ class Generator:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
         for i, (k, v) in enumerate(past):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
-        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        return feeds
+
+    def forward(self, input_ids: np.ndarray, past: Past | None = None) -> tuple[np.ndarray, Past]:
+        """Run the graph on ``input_ids`` [batch, seq] after ``past``; return (logits, present)."""
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, self.feeds(input_ids, past))))
         present = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(self.num_layers)]
         return outs["logits"], present
 

@@ -124,7 +124,7 @@ def _emit_table(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
 def lower_receive(node: onnx.NodeProto) -> Lowering:
     r = ReceiveSpec.from_node(node)
     lw = Lowering(node.name or node.output[0])
-    t, w = node.input[0], node.input[1]
+    t = node.input[0]
     a_in = UniformStage(r.step_in, r.T_in - 1 - r.t_ref_in, r.T_in).a
     fast = (is_step_kernel(np.asarray(r.eta), r.step_in) and np.float32(r.c_offset) == a_in and r.gain == 1.0)
     if fast:

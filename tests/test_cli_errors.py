@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
-import pytest
-from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+from onnx import TensorProto as TP, helper as h
 
 from ttfsc.compiler.cli import main
 

@@ -340,14 +340,13 @@ def test_bad_wbits_api(tmp_path):
 
 def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
     """Logits of one whole sequence with an empty KV cache (what calibration feeds)."""
-    from ttfsc.compiler.quantize import decoder_inputs
-    spec = decoder_inputs(modelio.load_model(path), str(path))
+    from ttfsc.compiler.quantize import decoder
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not fuse_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], spec.feeds(ids))[0][0]
+    return sess.run(["logits"], decoder(sess, str(path)).feeds(ids))[0][0]
 
 
 def test_tiny_llama_w8a6_self_generated(tiny_llama_onnx, tmp_path):
