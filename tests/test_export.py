@@ -264,3 +264,14 @@ def test_llama2c_without_tokenizer(tmp_path: Path) -> None:
 def test_no_tokenizer_found(tmp_path: Path) -> None:
     with pytest.raises(TtfscError, match="no tokenizer"):
         load_tokenizer(tmp_path / "model.onnx")
+
+
+def test_gguf_unsupported_architecture_fails_fast(tmp_path: Path) -> None:
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + s("general.alignment") + struct.pack("<II", 4, 32)
+                     + s("general.architecture") + struct.pack("<I", 8) + s("gpt2"))
+    with pytest.raises(TtfscError, match="'gpt2' is not supported"):
+        export_model(gguf, tmp_path / "out" / "model.onnx")
+    assert not (tmp_path / "out" / "model.onnx").exists()
