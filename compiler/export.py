@@ -210,6 +210,13 @@ def gguf_architecture(path: Path) -> str | None:
     seconds; the architecture is one of the first keys, so an unsupported model fails fast.
     None when it is not among the leading scalar/string keys.
     """
+    try:
+        return _scan_gguf_keys(path)
+    except (ValueError, struct.error):
+        return None
+
+
+def _scan_gguf_keys(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(24)
         if len(head) < 24 or head[:4] != b"GGUF":
@@ -230,7 +237,10 @@ def gguf_architecture(path: Path) -> str | None:
 
 
 def _gguf_string(f) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
+    raw = f.read(8)
+    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if not 0 <= n <= 1 << 16:
+        raise ValueError("not a GGUF string")
     return f.read(n).decode("utf-8", errors="replace")
 
 
