@@ -29,17 +29,13 @@ from typing import Iterator
 import numpy as np
 
 from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.modelio import load_model, save_model
+from ttfsc.compiler.modelio import SIDECAR_NAMES, load_model, save_model
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 LLAMA2C_HEADER = struct.Struct("<7i")
 LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
 # Recorded in config.json so load_tokenizer picks tokenizer.bin even beside stale HF tokenizer files.
 LLAMA2C_TOKENIZER = "tokenizer.bin"
-# Files carried from the staging folder next to the exported model (never weights).
-SIDECAR_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-                 "added_tokens.json", "chat_template.jinja", "tokenizer.bin")
 
 
 # ---------------------------------------------------------------- CLI and entry point

@@ -127,8 +127,16 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[str]]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(t)
         raise
+    mode = 0o666 & ~_umask()
     for t, p in zip(tmps, paths):
+        os.chmod(t, mode)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(t, p)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def data_file_name(out_path: str | os.PathLike) -> str:
@@ -226,11 +234,16 @@ def _write_proto(model: onnx.ModelProto, path: str) -> None:
         f.write(serialize(model))
 
 
+# Tokenizer/config files that travel with a model (never weights).
+SIDECAR_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                 "added_tokens.json", "chat_template.jinja", "tokenizer.bin")
+
+
 def copy_sidecars(src_dir: str, out_dir: str) -> None:
     """Carry the tokenizer and config files next to a derived model, so later commands find them."""
-    for name in os.listdir(src_dir):
-        if name.endswith((".json", ".txt", ".model", ".bin", ".tiktoken", ".jinja")) and not name.endswith(".onnx"):
-            src = os.path.join(src_dir, name)
-            dst = os.path.join(out_dir, name)
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst) and not os.path.exists(dst):
-                shutil.copy2(src, dst)
+    for name in SIDECAR_NAMES:
+        src = os.path.join(src_dir, name)
+        dst = os.path.join(out_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst) and not os.path.exists(dst):
+            shutil.copy2(src, dst)
