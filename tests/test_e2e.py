@@ -98,3 +98,21 @@ def test_requantize_is_explicit_and_runs(qdq_a6: Path, tmp_path: Path, capsys):
 def test_run_generates(snn_t64: Path, capsys):
     assert main(["run", str(snn_t64), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_verify_catches_a_wrong_stage(qdq_a6: Path, snn_t64: Path, tmp_path: Path, capsys):
+    """A spiking model whose one stage fires a slot late must fail verify, naming that stage."""
+    from onnx import helper
+    model = onnx.load(str(snn_t64))
+    emit = next(n for n in model.graph.node if n.op_type == "TTFSEmit")
+    for a in emit.attribute:
+        if a.name == "theta":
+            a.CopyFrom(helper.make_attribute("theta", a.f + 0.37 * next(x.f for x in emit.attribute if x.name == "step")))
+    broken = tmp_path / "broken.snn.onnx"
+    onnx.save(model, str(broken))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (snn_t64.parent / name).exists():
+            (tmp_path / name).write_bytes((snn_t64.parent / name).read_bytes())
+    assert main(["verify", str(qdq_a6), str(broken), "--tokens", "8"]) == 1
+    out = capsys.readouterr().out
+    assert emit.name in out and "verify: FAILED" in out
