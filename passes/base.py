@@ -40,11 +40,22 @@ class GraphIndex:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.nodes:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(node)
+            self._link(node)
+
+    def _link(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            self.producer[o] = node
+        for i in node.input:
+            if i:
+                self.consumers[i].append(node)
+
+    def _unlink(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        for i in node.input:
+            if i:
+                self.consumers[i] = [c for c in self.consumers[i] if c is not node]
 
     def is_const(self, name: str) -> bool:
         return name in self.inits
@@ -56,15 +67,21 @@ class GraphIndex:
         return bool(self.consumers.get(name)) or name in self.graph_outputs
 
     def replace_node(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
-        """Put ``new`` where ``old`` was (keeps topological order when inputs precede old)."""
+        """Put ``new`` where ``old`` was (keeps topological order when inputs precede old).
+
+        The maps are updated incrementally: a full rebuild per edit is quadratic on real models.
+        """
         pos = next(i for i, n in enumerate(self.nodes) if n is old)
         self.nodes[pos:pos + 1] = new
-        self.rebuild()
+        self._unlink(old)
+        for n in new:
+            self._link(n)
 
     def remove_nodes(self, dead: list[onnx.NodeProto]) -> None:
         ids = {id(n) for n in dead}
         self.nodes = [n for n in self.nodes if id(n) not in ids]
-        self.rebuild()
+        for n in dead:
+            self._unlink(n)
 
 
 @dataclass
