@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--requantize", action="store_true", help="accept a QDQ model whose width differs from log2(T) by re-gridding its activations (lossy)")
     p.add_argument("--json", action="store_true", help="print the per-pass report and TTFS stages as JSON")
+    p.add_argument("--coding", choices=("ttfs", "rate"), default="ttfs",
+                   help="ttfs: at most one spike per neuron (default); rate: the SpikeLLM-style baseline, "
+                        "an integrate-and-fire neuron counting up to T-1 spikes over T-1 steps (same QANN codes)")
     _add_quant_options(p, abits_default=None)
 
     p = sub.add_parser("verify", help="check a spiking model against its quantized twin")

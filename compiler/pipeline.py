@@ -3,6 +3,8 @@
 Order matters: activation quantizers become emissions first (qdq_to_emit), then the matmuls
 that read them become receptions (decode_matmul_to_receive), then dead weight dequantizers go
 (dead_code). A float model is quantized first with A = log2(T) bits, and the user is told so.
+``coding="rate"`` swaps the first pass for qdq_to_rate (the SpikeLLM-style baseline: stages of
+N = T - 1 integrate-and-fire steps whose spike counts are the same QANN codes).
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from ttfsc.compiler.modelio import copy_sidecars, load_model, model_dir, save_mo
 from ttfsc.passes.dead_code import DeadCode
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
 from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch
-from ttfsc.runtime.ops import EMIT, EmitSpec
-from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, bits_for_window
+from ttfsc.passes.qdq_to_rate import QdqToRate
+from ttfsc.runtime.ops import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
+from ttfsc.ttfs import CODINGS, DOMAIN, DOMAIN_VERSION, bits_for_window
+
+EMIT_PASSES = {"ttfs": QdqToEmit, "rate": QdqToRate}
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
@@ -28,9 +33,11 @@ def is_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
 
 
-def run_passes(model: onnx.ModelProto, T: int, requantize: bool = False) -> list[dict]:
+def run_passes(model: onnx.ModelProto, T: int, requantize: bool = False, coding: str = "ttfs") -> list[dict]:
     """Rewrite ``model`` in place; return one report per pass."""
-    passes = [QdqToEmit(T, requantize), DecodeMatMulToReceivePass(), DeadCode()]
+    if coding not in EMIT_PASSES:
+        raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
+    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass(), DeadCode()]
     reports = []
     for p in passes:
         try:
@@ -50,17 +57,26 @@ def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:
 
 
 def stages(model: onnx.ModelProto) -> list[dict]:
+    """One entry per emission, either coding, with the time steps it costs (``steps``)."""
     out = []
     for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type == EMIT:
-            e = EmitSpec.from_node(n)
-            out.append({"stage": n.name, "window": e.T, "bits": bits_for_window(e.T), "t_ref": e.t_ref,
-                        "step": e.step, "qann_tensor": e.qann_tensor})
+        e = emit_spec(n)
+        if e is None:
+            continue
+        entry = {"stage": n.name, "coding": CODING_OF_EMIT[n.op_type], "steps": stage_steps(n),
+                 "bits": bits_for_window(e.T), "qann_tensor": e.qann_tensor}
+        if isinstance(e, RateEmitSpec):
+            entry.update(threshold=e.threshold, zero_point=e.zero_point)
+        else:
+            entry.update(window=e.T, t_ref=e.t_ref, step=e.step)
+        out.append(entry)
     return out
 
 
 def latency_per_token(model: onnx.ModelProto) -> int:
-    """Time steps a token needs: the heaviest chain of TTFS stages, each costing its window.
+    """Time steps a token needs: the heaviest chain of stages, each costing its steps.
+
+    A TTFS stage costs its window T, a rate stage its N steps (ttfsc.runtime.ops.stage_steps).
 
     Stages on one path run in sequence (a stage receives during its predecessor's window), so
     the delay is the sum of windows along the longest path; parallel branches (q/k/v) overlap.
@@ -68,7 +84,7 @@ def latency_per_token(model: onnx.ModelProto) -> int:
     """
     g = nx.DiGraph()
     for i, n in enumerate(model.graph.node):
-        w = EmitSpec.from_node(n).T if (n.domain == DOMAIN and n.op_type == EMIT) else 0
+        w = stage_steps(n)
         g.add_node(("n", i), w=w)
         for t in n.input:
             if t:
@@ -102,7 +118,7 @@ def _check_saved(out_path: str, src: str) -> None:
 
 
 def compile_model(model_path: str, out_path: str, T: int, requantize: bool = False,
-                  quant_options: dict | None = None, log=print) -> dict:
+                  quant_options: dict | None = None, log=print, coding: str = "ttfs") -> dict:
     """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``.
 
     A float model is first quantized with A = log2(T) bits; that QANN is kept beside the output
@@ -115,16 +131,16 @@ def compile_model(model_path: str, out_path: str, T: int, requantize: bool = Fal
     t0 = time.perf_counter()
     model = load_model(model_path)
     src_dir = model_dir(model)
-    report: dict = {"input": str(model_path), "T": T}
+    report: dict = {"input": str(model_path), "T": T, "coding": coding}
     if not is_qdq(model):
         qann_path = qann_path_for(out_path)
         model, report["quantized"] = _quantize_first(model_path, qann_path, bits, quant_options or {}, log)
         report["qann"] = qann_path
-    report["passes"] = run_passes(model, T, requantize)
+    report["passes"] = run_passes(model, T, requantize, coding)
     _check_rewritten(model, model_path)
     report["stages"] = stages(model)
     report["latency_steps_per_token"] = latency_per_token(model)
-    _set_meta(model, T)
+    _set_meta(model, T, coding)
     save_model(model, out_path)
     _check_saved(out_path, model_path)
     copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
@@ -147,21 +163,24 @@ def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> 
     return load_model(qpath), summary
 
 
-def _set_meta(model: onnx.ModelProto, T: int) -> None:
+def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
     meta = {p.key: p for p in model.metadata_props}
-    entry = meta.get("ttfsc.T") or model.metadata_props.add()
-    entry.key, entry.value = "ttfsc.T", str(T)
+    for key, value in (("ttfsc.T", str(T)), ("ttfsc.coding", coding)):
+        entry = meta.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def compile_cli(args) -> int:
     opts = {k: getattr(args, k) for k in ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen")}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log)
+    coding = getattr(args, "coding", "ttfs")
+    report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log, coding=coding)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0
     rewritten = {k: v for p in report["passes"] for k, v in p["rewritten"].items()}
-    print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} TTFS stages of T={args.T}, "
+    kind = f"TTFS stages of T={args.T}" if coding == "ttfs" else f"rate-coded stages of N={args.T - 1} steps"
+    print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} {kind}, "
           f"latency {report['latency_steps_per_token']} time steps per token; rewrites {rewritten}; "
           f"{report['compile_seconds']} s")
     return 0

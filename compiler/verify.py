@@ -6,6 +6,11 @@ exact tie of the quantizer (x/scale = k + 1/2) is counted apart: it is a roundin
 not an error. Any other difference is a real mismatch and makes the command fail. Both models
 run under onnxruntime's default optimisation level, so the claim is "bit-exact against the
 QANN as onnxruntime executes it" (integer kernels where it fuses them).
+
+Rate-coded models (``compile --coding rate``) are verified the same way: a RateEmit's output
+*is* the code (its spike count). Spikes per token are the model's own coding's count (TTFS: one
+per neuron with t < N; rate: the sum of the counts); ``spikes_by_coding`` gives both definitions
+on the same codes, so one run shows what the other coding would spend at equal accuracy.
 """
 from __future__ import annotations
 
@@ -21,23 +26,32 @@ from onnx import helper
 from ttfsc.compiler.errors import TtfscError
 from ttfsc.compiler.modelio import Initializers, load_model, model_dir
 from ttfsc.runtime.generate import Generator
-from ttfsc.runtime.ops import EMIT, EmitSpec
+from ttfsc.runtime.ops import CODING_OF_EMIT, emit_spec
 from ttfsc.runtime.session import exact_options, open_session, session_from_model
-from ttfsc.ttfs import DOMAIN, is_exact_tie, spike_count
+from ttfsc.ttfs import codes_to_times, is_exact_tie, rate_spike_count, spike_count
 
 
 @dataclass
 class Probe:
-    """One TTFS stage and the QANN tensors it must reproduce."""
+    """One spiking stage (TTFS or rate) and the QANN tensors it must reproduce."""
 
     stage: str
-    spikes: str          # SNN spike-time tensor
+    spikes: str          # SNN spike-time (TTFS) or spike-count (rate) tensor
     codes: str           # QANN QuantizeLinear output
     value: str           # QANN QuantizeLinear input (for tie detection)
     scale: float
     code_min: int
     T: int
-    counts: dict = field(default_factory=lambda: {"codes": 0, "mismatch": 0, "ties": 0, "ties_seen": 0, "spikes": 0})
+    coding: str = "ttfs"
+    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
+
+    def snn_codes(self, out: np.ndarray) -> np.ndarray:
+        """The codes the stage emitted: q = N - t for spike times, the count itself for rate."""
+        out = out.astype(np.int64)
+        return out if self.coding == "rate" else self.T - 1 - out
+
+
+COUNT_KEYS = ("codes", "mismatch", "ties", "ties_seen", "spikes", "ttfs_spikes", "rate_spikes")
 
 
 def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
@@ -45,17 +59,18 @@ def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
     inits = Initializers(qann)
     probes = []
     for n in snn.graph.node:
-        if n.domain != DOMAIN or n.op_type != EMIT:
+        e = emit_spec(n)
+        if e is None:
             continue
-        e = EmitSpec.from_node(n)
         q = producers.get(e.qann_tensor)
         if q is None or q.op_type != "QuantizeLinear":
             raise TtfscError(f"stage {n.name}: the QDQ model has no QuantizeLinear producing {e.qann_tensor!r}; "
                              "was the spiking model compiled from this QDQ model?")
         scale = float(np.asarray(inits.value(q.input[1])).reshape(()))
-        probes.append(Probe(n.name, n.output[0], e.qann_tensor, q.input[0], scale, e.qann_code_min, e.T))
+        probes.append(Probe(n.name, n.output[0], e.qann_tensor, q.input[0], scale, e.qann_code_min, e.T,
+                            CODING_OF_EMIT[n.op_type]))
     if not probes:
-        raise TtfscError("the spiking model has no TTFSEmit stage; compile it with `ttfsc compile`.")
+        raise TtfscError("the spiking model has no TTFSEmit stage (nor RateEmit); compile it with `ttfsc compile`.")
     return probes
 
 
@@ -75,16 +90,19 @@ def _tokens(gen: Generator, rng: np.random.Generator, n: int, vocab: int, bos: i
 
 def compare(probes: list[Probe], qann_out: dict, snn_out: dict) -> None:
     for p in probes:
-        t = snn_out[p.spikes].astype(np.int64)
+        mine = p.snn_codes(snn_out[p.spikes])
         q = qann_out[p.codes].astype(np.int64) - p.code_min
-        diff = (p.T - 1 - t) != q
+        diff = mine != q
         exact = is_exact_tie(qann_out[p.value], p.scale)
         ties = diff & exact
         p.counts["ties_seen"] += int(exact.sum())
         p.counts["codes"] += int(q.size)
         p.counts["mismatch"] += int((diff & ~ties).sum())
         p.counts["ties"] += int(ties.sum())
-        p.counts["spikes"] += spike_count(t, p.T)
+        by_coding = {"ttfs": spike_count(codes_to_times(mine, p.T - 1), p.T), "rate": rate_spike_count(mine)}
+        p.counts["ttfs_spikes"] += by_coding["ttfs"]
+        p.counts["rate_spikes"] += by_coding["rate"]
+        p.counts["spikes"] += by_coding[p.coding]
 
 
 def _run(gen: Generator, ids: list[int], extra: list[str]) -> dict:
@@ -143,9 +161,10 @@ def _greedy(qann, snn, seqs: dict, tokens: int, bos: int) -> dict:
 
 
 def _summary(probes: list[Probe], seqs: dict, max_dlogit: float, greedy: dict) -> dict:
-    total = {k: sum(p.counts[k] for p in probes) for k in ("codes", "mismatch", "ties", "ties_seen", "spikes")}
+    total = {k: sum(p.counts[k] for p in probes) for k in COUNT_KEYS}
     n_tokens = sum(len(s) for s in seqs.values())
     return {
+        "coding": probes[0].coding,
         "stages": [{"stage": p.stage, "T": p.T, **p.counts,
                     "mismatch_share": p.counts["mismatch"] / max(p.counts["codes"], 1),
                     "tie_share": p.counts["ties"] / max(p.counts["codes"], 1)} for p in probes],
@@ -153,6 +172,8 @@ def _summary(probes: list[Probe], seqs: dict, max_dlogit: float, greedy: dict) -
         "tokens_compared": n_tokens,
         "spikes_per_token": total["spikes"] / max(n_tokens, 1),
         "neurons_per_token": total["codes"] / max(n_tokens, 1),
+        "spikes_by_coding": {c: total[f"{c}_spikes"] / max(n_tokens, 1) for c in ("ttfs", "rate")},
+        "max_spikes_per_neuron": max(1 if p.coding == "ttfs" else p.T - 1 for p in probes),
         "max_abs_logit_diff": max_dlogit,
         "greedy": greedy,
         "ok": total["mismatch"] == 0 and greedy["identical"],
@@ -177,8 +198,9 @@ def verify_cli(args) -> int:
         g = r["greedy"]
         print(f"greedy {g['tokens']} tokens identical: {g['identical']}"
               + ("" if g["identical"] else f" (first divergence at token {g['first_divergence']})"))
-        print(f"spikes per token: {r['spikes_per_token']:.0f} of {r['neurons_per_token']:.0f} neurons "
-              f"(at most one spike each)")
+        print(f"spikes per token ({r['coding']}): {r['spikes_per_token']:.0f} of {r['neurons_per_token']:.0f} "
+              f"neurons (at most {r['max_spikes_per_neuron']} spike{'s' if r['max_spikes_per_neuron'] > 1 else ''} "
+              f"each); same codes: TTFS {r['spikes_by_coding']['ttfs']:.0f}, rate {r['spikes_by_coding']['rate']:.0f}")
         print("verify: OK" if r["ok"] else "verify: FAILED")
     if not r["ok"]:
         print("ttfsc: verify found real mismatches between the spiking model and its QANN", file=sys.stderr)

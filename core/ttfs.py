@@ -31,10 +31,38 @@ paper's factor tau_in is absorbed into the gain), and ``C_i = c_offset * sum_j w
 
 Emission phase. ``V(k+1) = V(k) + psi(k)``; the neuron fires at the first ``k`` in ``0..N-1``
 with ``V(k) >= theta`` (tie rule above), at most once.
+
+Rate coding (the SpikeLLM-style baseline, ``ttfsc compile --coding rate``). A rate stage runs
+``N = 2^n - 1`` steps and its neuron's *spike count* is the QANN code, so it reproduces the same
+QANN as a TTFS stage but spends up to N spikes per neuron instead of at most one. With the QANN's
+scale ``lambda``, zero point ``z`` and the stage's input ``x`` (the potential the stage received):
+
+* ``u = fl32(x / lambda)``: the float32 quotient ONNX QuantizeLinear computes. This is the one
+  rounding of the chain; everything below is exact (rational) arithmetic, and the simulator
+  (``ttfsc.simulator.rate_emit``) steps it with ``fractions.Fraction``.
+* Threshold ``theta = lambda``; initial potential ``V(0) = theta/2`` (the half-step offset that
+  turns floor into rounding); a constant input current per step
+  ``I = theta * (u + z) / N`` (the QANN value spread over the window, plus the zero point as a
+  bias current ``theta * z / N``).
+* Integrate-and-fire with reset by subtraction, for steps ``s = 1..N``: ``V <- V + I``; if
+  ``V >= theta`` the neuron spikes (at most once per step) and ``V <- V - theta``.
+
+Then the count is ``c = clip(floor(u + z + 1/2), 0, N)``: for ``0 <= I <= theta`` the potential
+stays in ``[0, theta)`` after every step, so ``c*theta + V(N) = theta/2 + N*I`` exactly; for
+``I > theta`` it fires every step (``c = N``), for ``I < 0`` never (``c = 0``). No clip is needed:
+the window saturates exactly where the QANN's Clip does.
+
+Ties: ``u`` lies half-way between two codes iff ``u + z + 1/2`` is an integer iff ``V(N) = 0``
+iff the *last* step is an exact hit ``V == theta`` (a hit at an earlier step is not a tie of
+the count). ``tie_rule="half_even"`` fires on that last-step exact hit only if the resulting
+count ``c`` has ``c - z`` even (ONNX's round-half-to-even); ``"half_up"`` is the plain
+``V >= theta`` neuron (``floor(u + z + 1/2)``). So, under ``half_even``,
+``c == quantizer_codes(x, lambda, z, N)`` bit for bit, which the tests check.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -42,6 +70,7 @@ import numpy as np
 DOMAIN = "ai.ttfsc"
 DOMAIN_VERSION = 1
 TIE_RULES = ("half_even", "half_up")
+CODINGS = ("ttfs", "rate")
 MIN_BITS, MAX_BITS = 2, 12
 
 
@@ -143,6 +172,62 @@ def decode_times(t: np.ndarray, step: float, t_ref: int) -> np.ndarray:
 def spike_count(t: np.ndarray, T: int) -> int:
     """Spikes emitted: every neuron with t < N fires once; t = N is silent."""
     return int(np.count_nonzero(np.asarray(t) < T - 1))
+
+
+# ---------------------------------------------------------------- rate coding (baseline)
+
+def count_dtype(N: int) -> np.dtype:
+    """Smallest unsigned integer type that holds spike counts 0..N."""
+    return time_dtype(N + 1)
+
+
+@dataclass(frozen=True)
+class RateStage:
+    """An integrate-and-fire stage whose spike count over N steps is the QANN code (see above).
+
+    ``scale``/``zero_point`` are the QANN's (unsigned codes 0..N); the neuron's constants
+    (threshold, initial potential, bias current) are derived here, nowhere else.
+    """
+
+    scale: float
+    zero_point: int
+    N: int
+    tie_rule: str = "half_even"
+
+    @property
+    def threshold(self) -> np.float32:
+        return np.float32(self.scale)
+
+    @property
+    def v_init(self) -> Fraction:
+        """Half a threshold: the half-step offset that makes the count round to nearest."""
+        return Fraction(1, 2)
+
+    def current(self, u: np.ndarray) -> np.ndarray:
+        """Per-step input current in threshold units, I/theta = (u + z) / N, exact (Fractions)."""
+        u = np.asarray(u, dtype=np.float32)
+        return np.array([(Fraction(float(v)) + self.zero_point) / self.N for v in u.ravel()],
+                        dtype=object).reshape(u.shape)
+
+    def quotient(self, x: np.ndarray) -> np.ndarray:
+        """u = fl32(x / lambda): the one rounding, done as ONNX QuantizeLinear does it."""
+        return np.asarray(x, dtype=np.float32) / self.threshold
+
+    def tie_fires(self, count_after: np.ndarray) -> np.ndarray:
+        """Whether a last-step exact hit fires: half_even only onto an even code c - z."""
+        if self.tie_rule == "half_up":
+            return np.ones(np.shape(count_after), dtype=bool)
+        return (np.asarray(count_after, dtype=np.int64) - self.zero_point) % 2 == 0
+
+    def clip_bounds(self) -> tuple[np.float32, np.float32]:
+        """[a, b] where the window saturates: the same range as the QANN's Clip."""
+        return UniformStage(self.scale, self.zero_point, self.N + 1).clip_bounds()
+
+
+def rate_spike_count(counts: np.ndarray) -> int:
+    """Spikes a rate stage emitted: the sum of its counts (a code q costs q spikes)."""
+    return int(np.asarray(counts, dtype=np.int64).sum())
+
 
 
 # ---------------------------------------------------------------- Theorem 2 kernels

@@ -1,5 +1,9 @@
 """Pass: TTFSDecode -> MatMul(weight: DequantizeLinear(int8 W) or float W)  ==>  TTFSReceive.
 
+The same for the rate-coded baseline: RateDecode -> MatMul  ==>  RateReceive. The coding is read
+from the decode node; the receive spec comes from the emission's spec (``receive_spec``), so the
+matching and weight checks are shared by both codings.
+
 The receiving neurons integrate incoming spike times through the step kernel eta and the
 integer weights; their potential at t_emit is exactly the QANN's dequantized MatMul output.
 A decode that still has other (non-MatMul) consumers is kept for them: those standard ops are
@@ -8,7 +12,7 @@ fed decoded values, which is what makes the graph hybrid until nonlinear neurons
 from __future__ import annotations
 
 from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import DECODE, EMIT, EmitSpec, ReceiveSpec
+from ttfsc.runtime.ops import EMIT_OF_DECODE, emit_spec
 from ttfsc.ttfs import DOMAIN
 
 
@@ -18,7 +22,7 @@ class DecodeMatMulToReceive(Rule):
     def pattern(self, g: GraphIndex) -> list[Match]:
         out = []
         for dec in list(g.nodes):
-            if dec.domain != DOMAIN or dec.op_type != DECODE:
+            if dec.domain != DOMAIN or dec.op_type not in EMIT_OF_DECODE:
                 continue
             for mm in g.consumers.get(dec.output[0], []):
                 if mm.op_type == "MatMul" and mm.input[0] == dec.output[0]:
@@ -28,8 +32,9 @@ class DecodeMatMulToReceive(Rule):
     def check(self, g: GraphIndex, m: Match) -> str | None:
         mm = m.anchor
         emit = g.producer.get(m.nodes["decode"].input[0])
-        if emit is None or emit.op_type != EMIT:
-            return "spike times do not come from a TTFSEmit"
+        want = EMIT_OF_DECODE[m.nodes["decode"].op_type]
+        if emit is None or emit.op_type != want:
+            return f"spikes do not come from a {want}"
         m.nodes["emit"] = emit
         w = mm.input[1]
         if g.is_const(w):
@@ -49,7 +54,7 @@ class DecodeMatMulToReceive(Rule):
 
     def rewrite(self, g: GraphIndex, m: Match) -> None:
         mm, dec = m.anchor, m.nodes["decode"]
-        spec = ReceiveSpec.from_emit(EmitSpec.from_node(m.nodes["emit"]))
+        spec = emit_spec(m.nodes["emit"]).receive_spec()
         w = m.nodes["weights"]
         inputs = [dec.input[0], w[0], w[1] if len(w) > 1 else "", w[2] if len(w) > 2 else ""]
         while inputs and not inputs[-1]:

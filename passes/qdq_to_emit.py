@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import EmitSpec, make_decode_node
+from ttfsc.runtime.ops import EmitSpec
 from ttfsc.ttfs import UniformStage, bits_for_window, requantize_params
 
 _CODE_RANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
@@ -99,19 +99,30 @@ class QuantDequantToEmit(Rule):
             qmax = min(qmax, int(np.rint(np.float32(hi) / np.float32(scale))) + zp)
         return qmin, qmax
 
+    #: suffix of the tensor the emission writes (spike times here; counts in the rate variant)
+    out_suffix = "spike_t"
+
+    def spec(self, scale: float, z: int, qann_tensor: str, qann_code_min: int) -> EmitSpec:
+        """The emission reproducing codes of (scale, z) on the T-slot grid: Corollary 1's stage.
+
+        Subclasses (passes/qdq_to_rate.py) return another coding's spec with the same interface
+        (make_node, make_decode); matching, checks and the rewrite itself are shared.
+        """
+        return EmitSpec.from_stage(UniformStage(scale, z, self.T), qann_tensor=qann_tensor,
+                                   qann_code_min=qann_code_min)
+
     def rewrite(self, g: GraphIndex, m: Match) -> None:
         q, clip = m.anchor, m.nodes["clip"]
         scale, z, N_src = m.nodes["scale"], m.nodes["zp"] - m.nodes["qmin"], m.nodes["T_src"] - 1
         if m.nodes["T_src"] != self.T:
             scale, z = requantize_params(scale, z, N_src, self.T - 1)
-        spec = EmitSpec.from_stage(UniformStage(scale, z, self.T), qann_tensor=q.output[0],
-                                   qann_code_min=m.nodes["qmin"])
+        spec = self.spec(scale, z, q.output[0], m.nodes["qmin"])
         v = clip.input[0] if clip is not None else q.input[0]
-        t = f"{q.output[0]}/spike_t"
+        t = f"{q.output[0]}/{self.out_suffix}"
         base = q.name or q.output[0]
         g.replace_node(q, [spec.make_node(v, t, f"{base}/emit")])
         for i, dq in enumerate(m.nodes["dqs"]):
-            g.replace_node(dq, [make_decode_node(spec, t, dq.output[0], f"{base}/decode_{i}")])
+            g.replace_node(dq, [spec.make_decode(t, dq.output[0], f"{base}/decode_{i}")])
         if clip is not None:
             g.remove_nodes([clip])
 

@@ -15,6 +15,11 @@ Each TTFS node is replaced, when a session opens, by the closed form of its neur
   (MatMulIntegerToFloat), exactly as it does for the quantized twin.
 * ``TTFSReceive`` with any other eta: a gather from the table ``F[t]`` (ttfs.receive_table).
 * ``TTFSDecode``: ``DequantizeLinear(t, -step, t_ref)``.
+* Rate baseline: ``RateEmit`` is the IF neuron's count in closed form,
+  ``QuantizeLinear(Clip(V, a, b), threshold, zero_point)`` (positive scale: counts, not times);
+  ``RateReceive`` is ``DequantizeLinear(counts, threshold_in, zero_point_in)`` -> MatMul on the
+  DequantizeLinear'd int8 weight (the QANN's own pattern, fused the same way); ``RateDecode`` is
+  that DequantizeLinear alone.
 
 Why subgraphs and not a C++ library: the matmuls must run on onnxruntime's own integer kernels
 anyway, and expressed this way the whole stage fuses into them (NOTES.md section 5; the
@@ -26,8 +31,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.runtime.ops import DECODE, EMIT, RECEIVE, EmitSpec, ReceiveSpec, decode_spec
-from ttfsc.ttfs import UniformStage, emit_table, is_step_kernel, is_uniform, receive_table, time_dtype
+from ttfsc.runtime.ops import (DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE, EmitSpec, RateEmitSpec,
+                               RateReceiveSpec, ReceiveSpec, decode_spec, rate_decode_spec)
+from ttfsc.ttfs import (UniformStage, count_dtype, emit_table, is_step_kernel, is_uniform, receive_table,
+                        time_dtype)
 
 MS_DOMAIN = "com.microsoft"
 
@@ -85,22 +92,33 @@ def lower_emit(node: onnx.NodeProto) -> Lowering:
 
 def _emit_uniform(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
     stage = UniformStage(e.step, e.N - e.t_ref, e.T, e.tie_rule)
-    lo, hi = stage.clip_bounds()
+    # a negative scale makes the quantizer produce spike times; ties go to the earlier spike
+    _quantize(lw, v, t, -stage.step, e.t_ref, e.N, stage.clip_bounds(), e.tie_rule, "Floor")
+
+
+def _quantize(lw: Lowering, v: str, out: str, scale: float, zp: int, N: int,
+              bounds: tuple[np.float32, np.float32], tie_rule: str, half_up_tie: str) -> None:
+    """Clip to the window, then round(v / scale) + zp into 0..N as the window's integer type.
+
+    ``half_even`` is onnxruntime's own QuantizeLinear (the QANN's rounding, bit for bit);
+    ``half_up`` rounds exact ties with ``half_up_tie`` (Floor or Ceil of v/scale, whichever is the
+    larger code), everything else with Round.
+    """
+    lo, hi = bounds
     # Min/Max rather than Clip: onnxruntime's Clip+QuantizeLinear fusion misjudges a negative
     # scale's range as covered and would drop the window's clip (measured on stories260K).
     vc = lw.op("Max", [lw.op("Min", [v, lw.const(hi, "b", np.float32)]), lw.const(lo, "a", np.float32)])
-    if e.tie_rule == "half_even":
-        scale = lw.const(np.float32(-stage.step), "neg_step", np.float32)
-        zp = lw.const(e.t_ref, "t_ref", time_dtype(e.T))
-        lw.op("QuantizeLinear", [vc, scale, zp], t, domain=_qdq_domain(e.T))
+    sc = lw.const(np.float32(scale), "scale", np.float32)
+    if tie_rule == "half_even":
+        lw.op("QuantizeLinear", [vc, sc, lw.const(zp, "zp", time_dtype(N + 1))], out, domain=_qdq_domain(N + 1))
         return
-    w = lw.op("Div", [vc, lw.const(np.float32(-stage.step), "neg_step", np.float32)])
+    w = lw.op("Div", [vc, sc])
     fl = lw.op("Floor", [w])
     tie = lw.op("Equal", [lw.op("Sub", [w, fl]), lw.const(np.float32(0.5), "half", np.float32)])
-    r = lw.op("Where", [tie, fl, lw.op("Round", [w])])   # ties go to the earlier spike (larger code)
-    k = lw.op("Add", [r, lw.const(np.float32(e.t_ref), "t_ref_f", np.float32)])
-    k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(e.N), "N", np.float32)])
-    lw.op("Cast", [k], t, to=_time_elem_type(e.T))
+    r = lw.op("Where", [tie, lw.op(half_up_tie, [w]), lw.op("Round", [w])])
+    k = lw.op("Add", [r, lw.const(np.float32(zp), "zp_f", np.float32)])
+    k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(N), "N", np.float32)])
+    lw.op("Cast", [k], out, to=_time_elem_type(N + 1))
 
 
 def _emit_table(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
@@ -132,13 +150,18 @@ def lower_receive(node: onnx.NodeProto) -> Lowering:
     else:
         F = receive_table(np.asarray(r.eta), r.c_offset, r.T_in - 1).astype(np.float32)
         x = lw.op("Gather", [lw.const(F, "F", np.float32), lw.op("Cast", [t], to=TensorProto.INT64)], axis=0)
-    wd = _weight(lw, node)
     if fast:
-        lw.op("MatMul", [x, wd], node.output[0])
+        _receive_matmul(lw, node, x)
         return lw
+    wd = _weight(lw, node)
     v = lw.op("MatMul", [x, wd])
     lw.op("Mul", [v, lw.const(np.float32(r.gain), "gain", np.float32)], node.output[0])
     return lw
+
+
+def _receive_matmul(lw: Lowering, node: onnx.NodeProto, x: str) -> None:
+    """MatMul of decoded inputs with the (dequantized) weights, straight into the node's output."""
+    lw.op("MatMul", [x, _weight(lw, node)], node.output[0])
 
 
 def _weight(lw: Lowering, node: onnx.NodeProto) -> str:
@@ -156,4 +179,38 @@ def lower_decode(node: onnx.NodeProto) -> Lowering:
     return lw
 
 
-LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode}
+# ---------------------------------------------------------------- rate-coded baseline
+
+def _dequantize_counts(lw: Lowering, c: str, N: int, threshold: float, zp: int, out: str | None = None) -> str:
+    """x = (c - z) * threshold: a spike count read as the QANN's dequantized value."""
+    scale = lw.const(np.float32(threshold), "threshold", np.float32)
+    return lw.op("DequantizeLinear", [c, scale, lw.const(zp, "zp", count_dtype(N))], out, domain=_qdq_domain(N + 1))
+
+
+def lower_rate_emit(node: onnx.NodeProto) -> Lowering:
+    """Closed form of the IF neuron's count: QuantizeLinear with the positive scale (ttfs.RateStage)."""
+    e = RateEmitSpec.from_node(node)
+    lw = Lowering(node.name or node.output[0])
+    stage = e.stage()
+    _quantize(lw, node.input[0], node.output[0], stage.threshold, e.zero_point, e.N, stage.clip_bounds(),
+              e.tie_rule, "Ceil")
+    return lw
+
+
+def lower_rate_receive(node: onnx.NodeProto) -> Lowering:
+    """DequantizeLinear(counts) -> MatMul(DQ(int8 W)): the QANN's own pattern, fused the same way."""
+    r = RateReceiveSpec.from_node(node)
+    lw = Lowering(node.name or node.output[0])
+    _receive_matmul(lw, node, _dequantize_counts(lw, node.input[0], r.N_in, r.threshold_in, r.zero_point_in))
+    return lw
+
+
+def lower_rate_decode(node: onnx.NodeProto) -> Lowering:
+    N, threshold, zp = rate_decode_spec(node)
+    lw = Lowering(node.name or node.output[0])
+    _dequantize_counts(lw, node.input[0], N, threshold, zp, node.output[0])
+    return lw
+
+
+LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode,
+             RATE_EMIT: lower_rate_emit, RATE_RECEIVE: lower_rate_receive, RATE_DECODE: lower_rate_decode}

@@ -16,6 +16,21 @@
     Attributes: ``window``, ``t_ref``, ``step``.
 
 Spike-time tensors: integers in [0, T); t = T-1 is the silent neuron (see ttfsc.ttfs).
+
+Rate-coded baseline (same domain and version; ``ttfsc compile --coding rate``):
+
+``RateEmit(V) -> counts``
+    Integrate-and-fire stage with reset by subtraction over ``steps`` (N = 2^n - 1) steps: the
+    spike count (uint8, uint16 for N > 255) equals the QANN code (see ttfsc.ttfs, "Rate coding").
+    Attributes: ``steps`` (N), ``threshold`` (= the QANN scale), ``zero_point`` (z; the bias
+    current is threshold*z/N per step, the initial potential threshold/2), ``tie_rule``,
+    ``qann_tensor``, ``qann_code_min`` (as for TTFSEmit).
+``RateReceive(counts, W, w_scale[, w_zero_point]) -> V``
+    Spike trains integrated through the integer weights: ``V = sum_j w_ij * threshold_in *
+    (c_j - zero_point_in)``. Attributes ``steps_in``, ``threshold_in``, ``zero_point_in``.
+``RateDecode(counts) -> x``
+    Counts to values, ``x = (c - zero_point) * threshold``. Attributes ``steps``, ``threshold``,
+    ``zero_point``.
 """
 from __future__ import annotations
 
@@ -25,10 +40,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.ttfs import DOMAIN, UniformStage
+from ttfsc.ttfs import DOMAIN, RateStage, UniformStage
 
 EMIT, RECEIVE, DECODE = "TTFSEmit", "TTFSReceive", "TTFSDecode"
 TTFS_OPS = (EMIT, RECEIVE, DECODE)
+RATE_EMIT, RATE_RECEIVE, RATE_DECODE = "RateEmit", "RateReceive", "RateDecode"
+RATE_OPS = (RATE_EMIT, RATE_RECEIVE, RATE_DECODE)
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -73,6 +90,12 @@ class EmitSpec:
             tau=float(1.0 / np.float64(self.step)), psi=list(self.psi), theta=self.theta,
             tie_rule=self.tie_rule, qann_tensor=self.qann_tensor, qann_code_min=self.qann_code_min)
 
+    def make_decode(self, t: str, x: str, name: str) -> onnx.NodeProto:
+        return make_decode_node(self, t, x, name)
+
+    def receive_spec(self) -> "ReceiveSpec":
+        return ReceiveSpec.from_emit(self)
+
 
 @dataclass(frozen=True)
 class ReceiveSpec:
@@ -108,3 +131,86 @@ def make_decode_node(e: EmitSpec, t: str, x: str, name: str) -> onnx.NodeProto:
 def decode_spec(node: onnx.NodeProto) -> tuple[int, int, float]:
     a = attrs(node)
     return int(a["window"]), int(a["t_ref"]), float(a["step"])
+
+
+@dataclass(frozen=True)
+class RateEmitSpec:
+    """Everything a RateEmit node carries; same interface as EmitSpec for the passes."""
+
+    N: int
+    threshold: float
+    zero_point: int
+    tie_rule: str = "half_even"
+    qann_tensor: str = ""
+    qann_code_min: int = 0
+
+    @classmethod
+    def from_stage(cls, stage: RateStage, qann_tensor: str = "", qann_code_min: int = 0) -> "RateEmitSpec":
+        return cls(stage.N, float(stage.threshold), stage.zero_point, stage.tie_rule, qann_tensor, qann_code_min)
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "RateEmitSpec":
+        a = attrs(node)
+        return cls(int(a["steps"]), float(a["threshold"]), int(a["zero_point"]), _s(a.get("tie_rule", "half_even")),
+                   _s(a.get("qann_tensor", "")), int(a.get("qann_code_min", 0)))
+
+    @property
+    def T(self) -> int:
+        """Code levels (N + 1), the TTFS window that would carry the same codes."""
+        return self.N + 1
+
+    def stage(self) -> RateStage:
+        return RateStage(self.threshold, self.zero_point, self.N, self.tie_rule)
+
+    def make_node(self, v: str, c: str, name: str) -> onnx.NodeProto:
+        return helper.make_node(
+            RATE_EMIT, [v], [c], name=name, domain=DOMAIN, steps=self.N, threshold=self.threshold,
+            zero_point=self.zero_point, tie_rule=self.tie_rule, qann_tensor=self.qann_tensor,
+            qann_code_min=self.qann_code_min)
+
+    def make_decode(self, c: str, x: str, name: str) -> onnx.NodeProto:
+        return helper.make_node(RATE_DECODE, [c], [x], name=name, domain=DOMAIN, steps=self.N,
+                                threshold=self.threshold, zero_point=self.zero_point)
+
+    def receive_spec(self) -> "RateReceiveSpec":
+        return RateReceiveSpec(self.N, self.threshold, self.zero_point)
+
+
+@dataclass(frozen=True)
+class RateReceiveSpec:
+    N_in: int
+    threshold_in: float
+    zero_point_in: int
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "RateReceiveSpec":
+        a = attrs(node)
+        return cls(int(a["steps_in"]), float(a["threshold_in"]), int(a["zero_point_in"]))
+
+    def make_node(self, inputs: list[str], v: str, name: str) -> onnx.NodeProto:
+        return helper.make_node(RATE_RECEIVE, inputs, [v], name=name, domain=DOMAIN, steps_in=self.N_in,
+                                threshold_in=self.threshold_in, zero_point_in=self.zero_point_in)
+
+
+def rate_decode_spec(node: onnx.NodeProto) -> tuple[int, float, int]:
+    a = attrs(node)
+    return int(a["steps"]), float(a["threshold"]), int(a["zero_point"])
+
+
+EMIT_SPECS = {EMIT: EmitSpec, RATE_EMIT: RateEmitSpec}
+EMIT_OF_DECODE = {DECODE: EMIT, RATE_DECODE: RATE_EMIT}
+CODING_OF_EMIT = {EMIT: "ttfs", RATE_EMIT: "rate"}
+
+
+def emit_spec(node: onnx.NodeProto) -> EmitSpec | RateEmitSpec | None:
+    """The spec of an emission node of either coding, or None for any other node."""
+    cls = EMIT_SPECS.get(node.op_type) if node.domain == DOMAIN else None
+    return cls.from_node(node) if cls else None
+
+
+def stage_steps(node: onnx.NodeProto) -> int:
+    """Time steps an emission costs: a TTFS window T, or a rate window of N steps; 0 otherwise."""
+    spec = emit_spec(node)
+    if spec is None:
+        return 0
+    return spec.N if isinstance(spec, RateEmitSpec) else spec.T

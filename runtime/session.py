@@ -83,8 +83,10 @@ SATURATION_FREE_T = 128  # 2 * 127 * 127 < 2^15: u8s8 pair sums cannot saturate 
 
 
 def widest_window(model: onnx.ModelProto) -> int:
-    return max((int(a.i) for n in model.graph.node if n.domain == DOMAIN
-                for a in n.attribute if a.name in ("window", "window_in")), default=0)
+    """Largest number of code levels of any stage: a TTFS window T, or steps + 1 of a rate window."""
+    levels = {"window": 0, "window_in": 0, "steps": 1, "steps_in": 1}
+    return max((int(a.i) + levels[a.name] for n in model.graph.node if n.domain == DOMAIN
+                for a in n.attribute if a.name in levels), default=0)
 
 
 def exact_options(model: onnx.ModelProto, so: ort.SessionOptions | None = None) -> ort.SessionOptions:
