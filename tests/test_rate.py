@@ -120,8 +120,7 @@ def test_rate_receive_and_decode_equal_simulator(level):
                [nh.from_array(W, "W"), nh.from_array(sw, "sw")])
     y, xd = open_session(m, default_options(level)).run(None, {"V": x})
     trace = sim.rate_emit(x, e.stage())
-    trains = np.moveaxis(trace.trains, 0, 0)            # [N, M, I]
-    v_ref = sim.rate_receive(trains, W.astype(np.float64) * sw.astype(np.float64), scale, z)
+    v_ref = sim.rate_receive(trace.trains, W.astype(np.float64) * sw.astype(np.float64), scale, z)
     np.testing.assert_allclose(y, v_ref, rtol=1e-6, atol=1e-6 * np.abs(v_ref).max())
     np.testing.assert_array_equal(xd, ((trace.counts - z) * scale).astype(np.float32))
     assert RateReceiveSpec.from_node(nodes[1]) == e.receive_spec()
