@@ -16,8 +16,12 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
     if abits_default is not None:
         p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
-    p.add_argument("--method", default="minmax", choices=("minmax", "percentile"), help="activation range calibration")
+    p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "search"),
+                   help="activation range calibration (search: clipping of least layer-output MSE)")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
+    p.add_argument("--prefix", default="auto",
+                   help="fixed prefix whose float KV cache is kept (PrefixQuant): auto (outlier tokens found in "
+                        "calibration, if any), none, bos, or token ids such as 1,198")
     p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
     p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")

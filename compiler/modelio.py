@@ -237,7 +237,8 @@ def _write_proto(model: onnx.ModelProto, path: str) -> None:
 # Tokenizer/config files that travel with a model (never weights).
 SIDECAR_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-                 "added_tokens.json", "chat_template.jinja", "tokenizer.bin")
+                 "added_tokens.json", "chat_template.jinja", "tokenizer.bin",
+                 "prefix.npz")  # prefix.npz: the float KV cache of quantize's outlier-token prefix
 
 
 def copy_sidecars(src_dir: str, out_dir: str) -> None:

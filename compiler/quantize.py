@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 import tempfile
 import time
 from dataclasses import dataclass
@@ -57,14 +58,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
-from ttfsc.runtime.generate import Generator
+from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
 MS_DOMAIN = "com.microsoft"
 WEIGHT_BITS = {8: 127, 4: 7}  # wbits -> largest symmetric code
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "search")
+PREFIX_MODES = ("auto", "none", "bos")  # or explicit comma-separated token ids
 SEED = 0
 PERCENTILE_SUBSAMPLE = 1 << 16  # values kept per tensor per calibration sequence
+OUTLIER_RATIO = 10.0  # a token is an outlier when its peak |activation| exceeds 10x the median peak
+MAX_PREFIX_TOKENS = 4  # BOS + up to 3 other outlier tokens (PrefixQuant uses 1-4)
+DETECT_SEQUENCES = 4  # calibration sequences the outlier scan looks at
+SEARCH_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(16))  # clip ratios 1.0 .. 0.25
+SEARCH_ROWS = 256  # token rows per tensor kept for the clipping search (over all sequences)
+SEARCH_COLUMNS = 512  # output columns of the following linear(s) that score a clipping
 BLOCK_BYTES = 64 << 20  # weight rows processed at once (float32 bytes)
 DEFAULT_BOS = 1
 Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consumers read
@@ -73,7 +81,7 @@ Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consu
 # ---------------------------------------------------------------- validation and discovery
 
 def _check_options(wbits: int, abits: int, method: str, percentile: float, calib_samples: int,
-                   calib_seqlen: int) -> None:
+                   calib_seqlen: int, prefix: str) -> None:
     """Reject bad options before any file is read, so errors are about the option, not the model."""
     if wbits not in WEIGHT_BITS:
         raise TtfscError(f"--wbits {wbits} is not supported; use 8 or 4.")
@@ -87,6 +95,20 @@ def _check_options(wbits: int, abits: int, method: str, percentile: float, calib
         raise TtfscError(f"--calib-samples {calib_samples} must be at least 1.")
     if calib_seqlen < 2:
         raise TtfscError(f"--calib-seqlen {calib_seqlen} must be at least 2.")
+    parse_prefix(prefix)
+
+
+def parse_prefix(prefix: str) -> str | list[int]:
+    """``auto``, ``none``, ``bos``, or explicit token ids "1,198" (returned as a list)."""
+    if prefix in PREFIX_MODES:
+        return prefix
+    try:
+        ids = [int(t) for t in prefix.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise TtfscError(f"--prefix {prefix} is not valid; use auto, none, bos or token ids such as 1,198.")
+    return ids
 
 
 def find_linears(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -163,10 +185,14 @@ def _session(model: onnx.ModelProto, path: str) -> Iterator[Any]:
 
 # ---------------------------------------------------------------- model inputs
 
-def decoder(sess: Any, path: str) -> Generator:
-    """The shared KV-cache driver (feeds, generation) for a session of an exported decoder."""
+def decoder(sess: Any, path: str, prefix: Prefix | None = None) -> Generator:
+    """The shared KV-cache driver (feeds, generation) for a session of an exported decoder.
+
+    The prefix is always explicit here: a stale prefix.npz beside the float model must not leak
+    into calibration.
+    """
     try:
-        return Generator(sess, Path(path).parent)
+        return Generator(sess, Path(path).parent, prefix=prefix)
     except TtfscError:
         raise TtfscError(f"{path}: the model has no input_ids input or logits output, so it cannot be calibrated on "
                          "text; export a LLaMA decoder with `ttfsc export`, or pass calibration feeds through the API.") from None
@@ -186,7 +212,8 @@ def _load_tokenizer(model_path: str):
         return None
 
 
-def text_sequences(text_path: str, model_path: str, samples: int, seqlen: int, log: Callable[[str], Any]) -> tuple[list[np.ndarray], str]:
+def text_sequences(text_path: str, model_path: str, samples: int, seqlen: int,
+                   log: Callable[[str], Any]) -> tuple[list[np.ndarray], str]:
     """Cut the tokenized text into ``samples`` consecutive windows of ``seqlen`` tokens."""
     p = Path(text_path)
     if not p.is_file():
@@ -265,10 +292,42 @@ class Percentile:
         return float(lo), float(hi)
 
 
-def calibrate(sess: Any, names: Sequence[str], feeds_list: Iterable[dict[str, np.ndarray]], method: str,
-              percentile: float) -> dict[str, tuple[float, float]]:
-    """Observed (lo, hi) of each named tensor over all calibration feeds."""
-    make = (lambda: Percentile(percentile)) if method == "percentile" else MinMax
+class RowSample(MinMax):
+    """Min/max plus a bounded, seeded subsample of whole token rows, for the clipping search.
+
+    Whole rows (not single values) are kept because the search scores a clipping by the error of
+    the following linear layer's output, which mixes the channels of a row.
+    """
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = max(1, keep)
+        self.rng = np.random.default_rng(SEED)
+        self.rows: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        super().update(x)
+        rows = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        if rows.shape[0] > self.keep:
+            rows = rows[np.sort(self.rng.choice(rows.shape[0], self.keep, replace=False))]
+        self.rows.append(rows.copy())
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.rows) if self.rows else np.zeros((0, 1), np.float32)
+
+
+def make_observer(method: str, percentile: float, sequences: int) -> Callable[[], Any]:
+    """Factory of the per-tensor observer ``method`` needs."""
+    if method == "percentile":
+        return lambda: Percentile(percentile)
+    if method == "search":
+        return lambda: RowSample(-(-SEARCH_ROWS // max(1, sequences)))
+    return MinMax
+
+
+def calibrate(sess: Any, names: Sequence[str], feeds_list: Sequence[dict[str, np.ndarray]],
+              make: Callable[[], Any]) -> dict[str, Any]:
+    """One observer per named tensor, updated with its values over all calibration feeds."""
     observers = {n: make() for n in names}
     outputs = {o.name for o in sess.get_outputs()}
     fetch = [n for n in names if n in outputs]
@@ -278,7 +337,65 @@ def calibrate(sess: Any, names: Sequence[str], feeds_list: Iterable[dict[str, np
             x = values[n] if n in values else feeds.get(n)
             if x is not None:
                 observers[n].update(np.asarray(x))
-    return {n: ob.range() for n, ob in observers.items()}
+    return observers
+
+
+# ---------------------------------------------------------------- clipping search
+
+def fake_quant(x: np.ndarray, p: "ActParams") -> np.ndarray:
+    """Clip -> QuantizeLinear -> DequantizeLinear in numpy (round half to even), as the QANN computes it."""
+    q = np.clip(np.rint(x / p.scale) + p.zero_point, 0, p.N)
+    return ((q - p.zero_point) * p.scale).astype(np.float32)
+
+
+def output_mse(x: np.ndarray, w: np.ndarray, lo: float, hi: float, abits: int) -> float:
+    """Mean squared error of ``x @ w`` when ``x`` is quantized to [lo, hi] with ``abits`` bits."""
+    err = fake_quant(x, activation_params(lo, hi, abits)) - x
+    return float(np.mean(np.square(err @ w, dtype=np.float32)))
+
+
+def search_range(x: np.ndarray, w: np.ndarray, lo: float, hi: float, abits: int) -> dict[str, float]:
+    """Clipped range of minimal layer-output MSE: both ends scaled together, then each end alone.
+
+    Ratio 1.0 (minmax) is always a candidate, so the result is never worse than minmax on ``x``.
+    """
+    def score(r_lo: float, r_hi: float) -> float:
+        return output_mse(x, w, lo * r_lo, hi * r_hi, abits)
+
+    best = min(((score(r, r), r, r) for r in SEARCH_RATIOS))
+    best = min([best] + [(score(r, best[2]), r, best[2]) for r in SEARCH_RATIOS])
+    best = min([best] + [(score(best[1], r), best[1], r) for r in SEARCH_RATIOS])
+    mse, r_lo, r_hi = best
+    return {"lo": lo * r_lo, "hi": hi * r_hi, "ratio_lo": r_lo, "ratio_hi": r_hi, "mse": mse,
+            "mse_minmax": score(1.0, 1.0)}
+
+
+def consumer_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], x: str) -> np.ndarray:
+    """The weights of every linear reading ``x``, side by side, with at most SEARCH_COLUMNS seeded columns."""
+    inits = modelio.Initializers(model)
+    rng = np.random.default_rng(SEED)
+    parts = []
+    for node in linears:
+        if node.input[0] == x:
+            w = inits.value(node.input[1])
+            cols = rng.choice(w.shape[1], SEARCH_COLUMNS, replace=False) if w.shape[1] > SEARCH_COLUMNS else slice(None)
+            parts.append(np.asarray(w[:, cols], dtype=np.float32))
+    w = np.concatenate(parts, axis=1)
+    return w[:, np.sort(rng.choice(w.shape[1], SEARCH_COLUMNS, replace=False))] if w.shape[1] > SEARCH_COLUMNS else w
+
+
+def searched_ranges(model: onnx.ModelProto, linears: list[onnx.NodeProto], observers: dict[str, RowSample],
+                    abits: int) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
+    """Per tensor, the searched (lo, hi); non-finite tensors keep their (non-finite) range and are skipped later."""
+    ranges, report = {}, {}
+    for name, ob in observers.items():
+        lo, hi = ob.range()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            ranges[name] = (lo, hi)
+            continue
+        r = search_range(ob.sample(), consumer_weights(model, linears, name), lo, hi, abits)
+        ranges[name], report[name] = (r["lo"], r["hi"]), r
+    return ranges, report
 
 
 @contextlib.contextmanager
@@ -295,25 +412,92 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[None
         del model.graph.output[n_before:]
 
 
-def _calibration_feeds(model: onnx.ModelProto, sess: Any, path: str, calib: Any, samples: int, seqlen: int,
-                       log: Callable[[str], Any]) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Feeds for every calibration sequence, and a short description of where they came from."""
-    if calib is not None and not isinstance(calib, (str, os.PathLike)):
-        feeds = [dict(f) for f in calib]
-        if not feeds:
-            raise TtfscError("calibration feeds are empty; give at least one input dict.")
-        return feeds, f"given feeds: {len(feeds)} batches"
-    gen = decoder(sess, path)
+def _bos_id(path: str) -> int:
+    tok = _load_tokenizer(path)
+    return int(tok.bos_id) if tok is not None and getattr(tok, "bos_id", None) is not None else DEFAULT_BOS
+
+
+def calibration_sequences(gen: Generator, path: str, calib: Any, samples: int, seqlen: int,
+                          log: Callable[[str], Any]) -> tuple[list[np.ndarray], str]:
+    """Token sequences (each starting with BOS where the text does) and where they came from."""
     if calib is not None:
-        seqs, desc = text_sequences(str(calib), path, samples, seqlen, log)
+        return text_sequences(str(calib), path, samples, seqlen, log)
+    bos = _bos_id(path)
+    if _load_tokenizer(path) is None:
+        log(f"calibration: no tokenizer beside {Path(path).name}; self-generating from BOS id {DEFAULT_BOS}")
+    seqs = self_generated(gen, bos, samples, seqlen)
+    return seqs, f"self-generated: {samples} x {seqlen} tokens from BOS {bos}, temperature 1.0, seed {SEED}"
+
+
+# ---------------------------------------------------------------- prefixed outliers
+
+def position_ratios(sess: Any, acts: Sequence[str], gen: Generator, seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per sequence and position: the largest, over tensors, of max|x| over channels / its median over positions.
+
+    An attention sink shows up as a ratio of hundreds (SmolLM2: 25,000 vs 160) in the linear
+    inputs of later layers, while ordinary tokens stay within a few times the median.
+    """
+    peaks = []
+    for ids in seqs:
+        values = sess.run(list(acts), gen.feeds(ids))
+        peaks.append(np.stack([np.abs(v).max(-1).reshape(-1) for v in values]))  # [tensor, position]
+    median = np.median(np.concatenate(peaks, axis=1), axis=1, keepdims=True)
+    return [(p / np.maximum(median, np.finfo(np.float32).tiny)).max(0) for p in peaks]
+
+
+def outlier_hits(seqs: Sequence[np.ndarray], ratios: Sequence[np.ndarray], bos: int) -> Counter:
+    """How often each token is an outlier; position 0 counts as BOS (whatever stands first is a sink)."""
+    hits: Counter = Counter()
+    for ids, r in zip(seqs, ratios):
+        for pos in np.flatnonzero(r > OUTLIER_RATIO):
+            hits[bos if pos == 0 else int(ids[pos])] += 1
+    return hits
+
+
+def detect_prefix(sess: Any, acts: Sequence[str], gen: Generator, path: str, seqs: Sequence[np.ndarray], bos: int,
+                  log: Callable[[str], Any]) -> list[int]:
+    """Outlier tokens that a prefix removes: BOS, then greedily the most frequent remaining outlier
+    token, kept only if prefixing it at least halves its outlier occurrences.
+
+    The check matters: some tokens (SmolLM2's " the" in layer 2) are large at every occurrence,
+    not only as a sink, and a prefix cannot help them. Empty when no position is an outlier.
+    """
+    def scan(ids: tuple[int, ...]) -> Counter:
+        g = decoder(sess, path, gen.compute_prefix(ids)) if ids else gen
+        stripped = [np.asarray(g.strip_bos(s)) for s in seqs]
+        return outlier_hits(stripped, position_ratios(sess, acts, g, stripped), bos)
+
+    hits = scan(())
+    if not hits:
+        return []
+    prefix, rejected = [bos], []
+    for _ in range(MAX_PREFIX_TOKENS - 1):
+        hits = scan(tuple(prefix))
+        cands = sorted((t for t in hits if t not in prefix and t not in rejected), key=lambda t: (-hits[t], t))
+        if not cands:
+            break
+        after = scan(tuple(prefix + [cands[0]]))
+        (prefix if 2 * after[cands[0]] <= hits[cands[0]] else rejected).append(cands[0])
+        log(f"prefix: token {cands[0]} is an outlier {hits[cands[0]]} times, {after[cands[0]]} once prefixed: "
+            + ("kept" if prefix[-1] == cands[0] else "not a sink, left out"))
+    return prefix
+
+
+def choose_prefix(mode: str | list[int], sess: Any, acts: Sequence[str], gen: Generator, path: str,
+                  seqs: Sequence[np.ndarray], bos: int, log: Callable[[str], Any]) -> Prefix | None:
+    """The prefix ``mode`` asks for, its KV cache computed by the float model; None for no prefix."""
+    if mode == "none":
+        return None
+    if mode == "auto":
+        ids = detect_prefix(sess, acts, gen, path, seqs[:DETECT_SEQUENCES], bos, log)
+        if not ids:
+            log(f"prefix: no outlier tokens (peak |activation| > {OUTLIER_RATIO:g}x median) found; no prefix")
+            return None
     else:
-        tok = _load_tokenizer(path)
-        bos = int(tok.bos_id) if tok is not None and getattr(tok, "bos_id", None) is not None else DEFAULT_BOS
-        if tok is None:
-            log(f"calibration: no tokenizer beside {Path(path).name}; self-generating from BOS id {DEFAULT_BOS}")
-        seqs = self_generated(gen, bos, samples, seqlen)
-        desc = f"self-generated: {samples} x {seqlen} tokens from BOS {bos}, temperature 1.0, seed {SEED}"
-    return [gen.feeds(s) for s in seqs], desc
+        ids = [bos] if mode == "bos" else list(mode)
+    prefix = gen.compute_prefix(ids)
+    log(f"prefix: [{format_ids(ids)}], {prefix.length} tokens, float KV cache {prefix.kv_bytes / 1024:.0f} KiB")
+    return prefix
 
 
 # ---------------------------------------------------------------- activation parameters
@@ -577,12 +761,40 @@ def _split_finite(ranges: dict[str, tuple[float, float]], abits: int) -> tuple[d
     return params, skipped
 
 
-def _calibrate_model(model: onnx.ModelProto, path: str, acts: list[str], calib: Any, method: str, percentile: float,
-                     samples: int, seqlen: int, log: Callable[[str], Any]) -> tuple[dict[str, tuple[float, float]], str]:
-    """Ranges of ``acts`` from the float model, which is left exactly as it was loaded."""
+@dataclass
+class Calibration:
+    """What calibration found: ranges per tensor, the prefix, the search report, and the data used."""
+
+    ranges: dict[str, tuple[float, float]]
+    prefix: Prefix | None
+    search: dict[str, dict[str, float]]
+    desc: str
+
+
+def _calibrate_model(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto], acts: list[str], calib: Any,
+                     method: str, percentile: float, abits: int, prefix_mode: str | list[int], samples: int,
+                     seqlen: int, log: Callable[[str], Any]) -> Calibration:
+    """Ranges of ``acts`` from the float model (after the prefix, if any); the model is left as loaded."""
     with _with_outputs(model, acts), _session(model, path) as sess:
-        feeds, desc = _calibration_feeds(model, sess, path, calib, samples, seqlen, log)
-        return calibrate(sess, acts, feeds, method, percentile), desc
+        if calib is not None and not isinstance(calib, (str, os.PathLike)):
+            feeds = [dict(f) for f in calib]
+            if not feeds:
+                raise TtfscError("calibration feeds are empty; give at least one input dict.")
+            if prefix_mode not in ("auto", "none"):
+                raise TtfscError("--prefix needs a decoder calibrated on text; given feeds cannot take a prefix.")
+            prefix, desc = None, f"given feeds: {len(feeds)} batches"
+        else:
+            gen = decoder(sess, path)
+            seqs, desc = calibration_sequences(gen, path, calib, samples, seqlen, log)
+            prefix = choose_prefix(prefix_mode, sess, acts, gen, path, seqs, _bos_id(path), log)
+            gen = decoder(sess, path, prefix)
+            feeds = [gen.feeds(gen.strip_bos(ids)) for ids in seqs]
+        observers = calibrate(sess, acts, feeds, make_observer(method, percentile, len(feeds)))
+    if method == "search":
+        ranges, search = searched_ranges(model, linears, observers, abits)
+    else:
+        ranges, search = {n: ob.range() for n, ob in observers.items()}, {}
+    return Calibration(ranges, prefix, search, desc)
 
 
 def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
@@ -603,13 +815,15 @@ def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: d
 
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
                    method: str = "minmax", percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
-                   calib_seqlen: int = 128, log: Callable[[str], Any] = print) -> dict:
+                   calib_seqlen: int = 128, prefix: str = "auto", log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
     ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
-    dicts (used as is: for non-decoder graphs and tests).
+    dicts (used as is: for non-decoder graphs and tests). ``prefix`` is auto (outlier tokens
+    found in calibration, if any), none, bos, or token ids "1,198"; its float KV cache is saved as
+    ``prefix.npz`` beside the output and every Generator on the output applies it.
     """
-    _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen)
+    _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix)
     path = str(model_path)
     model = modelio.load_model(path)
     _check_opset(model, path)
@@ -619,38 +833,63 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                          "give a float model exported with `ttfsc export` (not an already quantized one).")
     acts = _activation_names(model, linears)
     t0 = time.perf_counter()
-    ranges, desc = _calibrate_model(model, path, acts, calib, method, percentile, calib_samples, calib_seqlen, log)
+    cal = _calibrate_model(model, path, linears, acts, calib, method, percentile, abits, parse_prefix(prefix),
+                           calib_samples, calib_seqlen, log)
     t_calib = time.perf_counter() - t0
-    params, skipped = _split_finite(ranges, abits)
+    params, skipped = _split_finite(cal.ranges, abits)
     for name in skipped:
-        log(f"skipped activation {name}: calibrated range {ranges[name]} is not finite; it stays float")
-    method_desc = method if method == "minmax" else f"percentile {percentile}"
-    meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc, "ttfsc.calibration": desc}
+        log(f"skipped activation {name}: calibrated range {cal.ranges[name]} is not finite; it stays float")
+    method_desc = f"percentile {percentile}" if method == "percentile" else method
+    meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc,
+            "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else ""}
     n_weights = _write_qann(model, linears, params, wbits, meta, out_path)
-    modelio.copy_sidecars(str(Path(path).resolve().parent), str(Path(out_path).resolve().parent))
+    out_dir = Path(out_path).resolve().parent
+    if cal.prefix is not None:
+        _save_prefix(cal.prefix, out_dir / PREFIX_FILE)
+    modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
     summary = {
         "model": path, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
         "percentile": percentile if method == "percentile" else None, "weights": n_weights,
-        "activations": len(params), "skipped": skipped, "calibration": desc,
+        "activations": len(params), "skipped": skipped, "calibration": cal.desc,
         "calibration_seconds": round(t_calib, 3),
-        "ranges": {n: {"min": ranges[n][0], "max": ranges[n][1], "scale": float(p.scale), "zero_point": p.zero_point}
-                   for n, p in params.items()},
+        "prefix": {"tokens": list(cal.prefix.ids), "kv_bytes": cal.prefix.kv_bytes} if cal.prefix else None,
+        "search": cal.search,
+        "ranges": {n: {"min": cal.ranges[n][0], "max": cal.ranges[n][1], "scale": float(p.scale),
+                       "zero_point": p.zero_point} for n, p in params.items()},
     }
-    stored = "int8" if wbits == 8 else "int4 codes stored in int8"
-    log(f"quantized {n_weights} weights to {stored} (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
-        f"{len(params)} activations to {abits} bits ({method}); {len(skipped)} skipped")
-    log(f"calibration: {desc} ({t_calib:.1f}s)")
-    if abits == 8 and wbits == 8:
-        log("note: W8A8 may saturate in onnxruntime's fused u8s8 kernels on CPUs without VNNI; "
-            "run it with session option session.disable_quant_qdq=1 for exact QDQ numerics")
-    _log_ranges(ranges, params, log)
-    log(f"wrote {out_path}")
+    _log_summary(summary, cal, params, log)
     return summary
 
 
+def _save_prefix(prefix: Prefix, path: Path) -> None:
+    """Write prefix.npz atomically: a half-written cache beside a model would silently corrupt it."""
+    with modelio.atomic_outputs(path) as (tmp,):
+        prefix.save(tmp)
+
+
+def _log_summary(summary: dict, cal: Calibration, params: dict[str, ActParams], log: Callable[[str], Any]) -> None:
+    wbits, abits = summary["wbits"], summary["abits"]
+    stored = "int8" if wbits == 8 else "int4 codes stored in int8"
+    log(f"quantized {summary['weights']} weights to {stored} (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
+        f"{len(params)} activations to {abits} bits ({summary['method']}); {len(summary['skipped'])} skipped")
+    log(f"calibration: {cal.desc} ({summary['calibration_seconds']:.1f}s)")
+    if cal.search:
+        ratios = [min(r["ratio_lo"], r["ratio_hi"]) for r in cal.search.values()]
+        log(f"clipping search: {sum(r < 1.0 for r in ratios)} of {len(ratios)} tensors clipped "
+            f"(median smallest ratio {float(np.median(ratios)):.2f}, {sum(r == SEARCH_RATIOS[-1] for r in ratios)} at the floor)")
+    if abits == 8 and wbits == 8:
+        log("note: W8A8 may saturate in onnxruntime's fused u8s8 kernels on CPUs without VNNI; "
+            "run it with session option session.disable_quant_qdq=1 for exact QDQ numerics")
+    _log_ranges(cal.ranges, params, log)
+    if cal.prefix is not None:
+        log(f"wrote {PREFIX_FILE} beside the model: tokens [{format_ids(cal.prefix.ids)}], "
+            f"{cal.prefix.kv_bytes / 1024:.0f} KiB float KV cache")
+    log(f"wrote {summary['output']}")
+
+
 def quantize_cli(args: Any) -> int:
-    """``ttfsc quantize MODEL -o OUT [--wbits --abits --method --percentile --calib ...]``."""
+    """``ttfsc quantize MODEL -o OUT [--wbits --abits --method --percentile --prefix --calib ...]``."""
     quantize_model(args.model, args.output, wbits=args.wbits, abits=args.abits, method=args.method,
                    percentile=args.percentile, calib=args.calib, calib_samples=args.calib_samples,
-                   calib_seqlen=args.calib_seqlen)
+                   calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"))
     return 0

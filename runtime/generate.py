@@ -4,6 +4,14 @@ The exported graph (``ttfsc export``) serves prefill and decode: it takes ``inpu
 ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value`` and returns
 ``logits`` and ``present.{i}.key/value``. The same loop drives the float model, the QDQ model
 and the spiking model, so their outputs can be compared token by token (verify) and shown (run).
+
+Prefixed outliers (PrefixQuant). A few tokens (BOS, sometimes "\\n" or ".") become attention sinks
+with hidden states thousands of times larger than the rest, which ruins per-tensor static
+activation ranges. ``ttfsc quantize`` therefore puts a fixed prefix of those tokens in front of
+every sequence and saves its KV cache, computed once by the *float* model, as ``prefix.npz``
+beside the quantized model. The quantized activations then never see the outliers. A Generator
+applies that prefix transparently: every sequence starts from the prefix's cache (positions and
+attention mask cover it) and only the logits of the given tokens are returned.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -23,12 +32,55 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 Past = list[tuple[np.ndarray, np.ndarray]]
+PREFIX_FILE = "prefix.npz"
+PREFIX_META = "ttfsc.prefix"  # model metadata: the prefix's token ids ("" = quantized without prefix)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Fixed leading tokens, their float KV cache ([1, kv_heads, P, head_dim] per layer) and last logits.
+
+    The last logits let generation start right after the prefix (an empty prompt is allowed).
+    """
+
+    ids: tuple[int, ...]
+    past: Past
+    last_logits: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory the cache takes per sequence: the whole cost of the prefix at run time."""
+        return sum(k.nbytes + v.nbytes for k, v in self.past)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``ids``, ``last_logits`` and ``present.{i}.key/value`` (float32) to an .npz file."""
+        arrays = {"ids": np.asarray(self.ids, dtype=np.int64), "last_logits": self.last_logits.astype(np.float32)}
+        for i, (k, v) in enumerate(self.past):
+            arrays[f"present.{i}.key"], arrays[f"present.{i}.value"] = k.astype(np.float32), v.astype(np.float32)
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Prefix":
+        try:
+            with np.load(path) as z:
+                layers = sum(1 for k in z.files if k.endswith(".key"))
+                past = [(z[f"present.{i}.key"], z[f"present.{i}.value"]) for i in range(layers)]
+                return cls(tuple(int(t) for t in z["ids"]), past, z["last_logits"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise TtfscError(f"{path}: not a readable prefix cache ({exc}); re-run `ttfsc quantize` to rewrite it, "
+                             "or delete it to run without a prefix.") from None
 
 
 class Generator:
     """KV-cache decoding loop; the cache geometry comes from the graph inputs or config.json."""
 
-    def __init__(self, session: Any, model_dir: str | Path | None = None):
+    def __init__(self, session: Any, model_dir: str | Path | None = None, prefix: Prefix | None | str = "auto"):
+        """``prefix``: "auto" loads ``prefix.npz`` from ``model_dir`` when there is one; None runs without."""
         self.session = session
         inputs = {i.name: i for i in session.get_inputs()}
         self.input_names = set(inputs)
@@ -41,6 +93,45 @@ class Generator:
         self.kv_heads, self.head_dim, self.past_dtype = self._cache_geometry(inputs)
         self.max_positions = self.config.get("max_position_embeddings")
         self.stop_ids = frozenset(_as_list(self.config.get("eos_token_id")))
+        self.prefix = self._load_prefix(model_dir) if isinstance(prefix, str) else prefix
+        if self.prefix is not None:
+            self._check_prefix(self.prefix)
+
+    def _load_prefix(self, model_dir: str | Path | None) -> Prefix | None:
+        """``prefix.npz`` beside the model, unless the model's metadata says it was quantized without it."""
+        path = Path(model_dir) / PREFIX_FILE if model_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        wanted = _metadata(self.session).get(PREFIX_META)
+        if wanted == "":
+            return None
+        prefix = Prefix.load(path)
+        if wanted is not None and wanted != format_ids(prefix.ids):
+            raise TtfscError(f"{path} holds prefix tokens [{format_ids(prefix.ids)}] but the model was quantized with "
+                             f"[{wanted}]; copy the model's own prefix.npz beside it (or re-run `ttfsc quantize`).")
+        return prefix
+
+    def _check_prefix(self, prefix: Prefix) -> None:
+        shape = (1, self.kv_heads, prefix.length, self.head_dim)
+        if len(prefix.past) != self.num_layers or any(k.shape != shape or v.shape != shape for k, v in prefix.past):
+            raise TtfscError(f"the prefix cache does not fit this model ({len(prefix.past)} layers of "
+                             f"{prefix.past[0][0].shape if prefix.past else ()}, model needs {self.num_layers} of {shape}); "
+                             f"delete the stale {PREFIX_FILE} or re-run `ttfsc quantize`.")
+
+    def prefix_cost(self) -> dict[str, int]:
+        """What the prefix costs per sequence: its tokens and the bytes of its KV cache."""
+        p = self.prefix
+        return {"tokens": p.length if p else 0, "kv_bytes": p.kv_bytes if p else 0}
+
+    def compute_prefix(self, ids: Sequence[int]) -> Prefix:
+        """The KV cache and last logits of ``ids`` run by this (float) model from an empty cache."""
+        logits, present = self.forward(np.asarray([list(ids)], dtype=np.int64), self.empty_past())
+        return Prefix(tuple(int(t) for t in ids), present, logits[0, -1].astype(np.float32))
+
+    def strip_bos(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` without a leading token the prefix already starts with (BOS), to avoid a double BOS."""
+        ids = list(ids)
+        return ids[1:] if self.prefix is not None and ids and ids[0] == self.prefix.ids[0] else ids
 
     def _cache_geometry(self, inputs: dict) -> tuple[int, int, np.dtype]:
         """(kv heads, head dim, dtype) from the first past input, else from config.json."""
@@ -66,13 +157,20 @@ class Generator:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
         return [(z, z) for _ in range(self.num_layers)]
 
+    def start_past(self, batch: int = 1) -> Past:
+        """Where every sequence starts: the prefix's cache (repeated per batch row), else empty."""
+        if self.prefix is None:
+            return self.empty_past(batch)
+        return [(np.repeat(k, batch, 0).astype(self.past_dtype), np.repeat(v, batch, 0).astype(self.past_dtype))
+                for k, v in self.prefix.past]
+
     def feeds(self, input_ids: np.ndarray, past: Past | None = None) -> dict[str, np.ndarray]:
-        """Graph inputs for ``input_ids`` [batch, seq] (or [seq]) after ``past`` (empty if None)."""
+        """Graph inputs for ``input_ids`` [batch, seq] (or [seq]) after ``past`` (the prefix if None)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
         batch, seq = ids.shape
-        past = past if past is not None else self.empty_past(batch)
+        past = past if past is not None else self.start_past(batch)
         past_len = past[0][0].shape[2] if past else 0
         feeds = {"input_ids": ids}
         if "attention_mask" in self.input_names:
@@ -84,13 +182,16 @@ class Generator:
         return feeds
 
     def forward(self, input_ids: np.ndarray, past: Past | None = None) -> tuple[np.ndarray, Past]:
-        """Run the graph on ``input_ids`` [batch, seq] after ``past``; return (logits, present)."""
+        """Run the graph on ``input_ids`` [batch, seq] after ``past`` (the prefix if None); return (logits, present).
+
+        The logits are those of ``input_ids`` only; ``present`` includes the prefix.
+        """
         outs = dict(zip(self.output_names, self.session.run(self.output_names, self.feeds(input_ids, past))))
         present = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(self.num_layers)]
         return outs["logits"], present
 
     def logits(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Logits of a whole sequence without cache ([seq, vocab] for 1-D input), for perplexity."""
+        """Logits of a whole sequence after the prefix, if any ([seq, vocab] for 1-D input), for perplexity."""
         ids = np.asarray(input_ids, dtype=np.int64)
         out, _ = self.forward(ids, None)
         return out[0] if ids.ndim == 1 else out
@@ -103,29 +204,37 @@ class Generator:
         """New tokens after ``prompt_ids`` (the stop token itself is not returned).
 
         Greedy when ``temperature == 0``; otherwise nucleus sampling with a seeded numpy RNG so
-        runs are reproducible. ``stop_ids`` defaults to config.json's eos_token_id.
+        runs are reproducible. ``stop_ids`` defaults to config.json's eos_token_id. With a prefix,
+        a leading BOS it already holds is dropped and the prompt may be empty.
         """
-        if len(prompt_ids) == 0:
+        prompt = self.strip_bos(prompt_ids)
+        if not prompt and self.prefix is None:
             raise TtfscError("empty prompt: pass at least the BOS token.")
         stops = frozenset(stop_ids) if stop_ids is not None else self.stop_ids
         rng = np.random.default_rng(seed)
-        limit = self._token_limit(len(prompt_ids), max_new_tokens)
-        logits, past = self.forward(np.asarray([prompt_ids], dtype=np.int64), None)
+        limit = self._token_limit(len(prompt), max_new_tokens)
+        if prompt:
+            logits, past = self.forward(np.asarray([prompt], dtype=np.int64), None)
+            last = logits[0, -1]
+        else:
+            last, past = self.prefix.last_logits, self.start_past()
         out: list[int] = []
         while len(out) < limit:
-            token = pick_token(logits[0, -1], temperature, top_p, rng)
+            token = pick_token(last, temperature, top_p, rng)
             if stop_at_eos and token in stops:
                 break
             out.append(token)
             if len(out) == limit:
                 break
             logits, past = self.forward(np.asarray([[token]], dtype=np.int64), past)
+            last = logits[0, -1]
         return out
 
     def _token_limit(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Never run past the model's context length."""
+        """Never run past the model's context length (the prefix takes its share)."""
         if self.max_positions:
-            return max(0, min(max_new_tokens, int(self.max_positions) - prompt_len))
+            used = prompt_len + self.prefix_cost()["tokens"]
+            return max(0, min(max_new_tokens, int(self.max_positions) - used))
         return max(0, max_new_tokens)
 
 
@@ -153,6 +262,19 @@ def _read_config(model_dir: str | Path | None) -> dict:
     try:
         return json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def format_ids(ids: Sequence[int]) -> str:
+    """Token ids as the metadata value ``ttfsc.prefix`` stores them: "1,198"."""
+    return ",".join(str(int(t)) for t in ids)
+
+
+def _metadata(session: Any) -> dict[str, str]:
+    """The model's metadata_props, or {} for session stand-ins that have none."""
+    try:
+        return dict(session.get_modelmeta().custom_metadata_map)
+    except AttributeError:
         return {}
 
 
@@ -203,4 +325,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if getattr(args, "stats", False):
         rate = len(new) / dt if dt > 0 else float("inf")
         print(f"{len(new)} tokens in {dt:.2f} s ({rate:.1f} tok/s)", file=sys.stderr)
+        cost = gen.prefix_cost()
+        if cost["tokens"]:
+            print(f"prefix: {cost['tokens']} tokens, KV cache {cost['kv_bytes'] / 1024:.0f} KiB (float, computed once)",
+                  file=sys.stderr)
     return 0

@@ -267,6 +267,32 @@ def test_percentile_is_narrower_than_minmax_on_outliers(tmp_path):
     assert pc2["ranges"] == pc["ranges"]
 
 
+def test_search_never_worse_than_minmax_and_clips_outliers(tmp_path):
+    _, mm = _quantize(tmp_path, name="mm.onnx", calib=_feeds(6, outliers=True), method="minmax")
+    _, sr = _quantize(tmp_path, name="sr.onnx", calib=_feeds(6, outliers=True), method="search")
+    assert set(sr["search"]) == set(sr["ranges"]) == {"x", "o"}  # the masked (non-finite) input stays float
+    for r in sr["search"].values():
+        assert r["mse"] <= r["mse_minmax"]
+    x = sr["search"]["x"]
+    assert min(x["ratio_lo"], x["ratio_hi"]) < 1.0 and x["mse"] < x["mse_minmax"]
+    assert sr["ranges"]["x"]["scale"] < mm["ranges"]["x"]["scale"]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "sr.onnx")).metadata_props}
+    assert meta["ttfsc.method"] == "search"
+
+
+def test_search_range_scores_the_following_layer():
+    from ttfsc.compiler.quantize import SEARCH_RATIOS, output_mse, search_range
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    x[3, 5] = 60.0  # one outlier stretches the minmax range 15-fold
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    r = search_range(x, w, float(x.min()), float(x.max()), abits=4)
+    assert r["ratio_hi"] < 1.0 and r["mse"] < r["mse_minmax"]
+    assert r["mse"] == pytest.approx(output_mse(x, w, r["lo"], r["hi"], 4))
+    assert r["mse_minmax"] == pytest.approx(output_mse(x, w, float(x.min()), float(x.max()), 4))
+    assert r["ratio_hi"] in SEARCH_RATIOS and r["ratio_lo"] in SEARCH_RATIOS
+
+
 def test_external_data_model_quantizes_like_inline(tmp_path):
     ext_dir, inl_dir = tmp_path / "ext", tmp_path / "inl"
     ext_dir.mkdir(), inl_dir.mkdir()
@@ -352,16 +378,17 @@ def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarr
 def test_tiny_llama_w8a6_self_generated(tiny_llama_onnx, tmp_path):
     out = tmp_path / "qdq" / "model.onnx"
     lines: list[str] = []
-    summary = quantize_model(tiny_llama_onnx, out, wbits=8, abits=6, calib_samples=2, calib_seqlen=24,
-                             log=lines.append)
+    summary = quantize_model(tiny_llama_onnx, out, wbits=8, abits=6, method="search", calib_samples=2,
+                             calib_seqlen=24, log=lines.append)
     assert summary["weights"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert summary["activations"] == 2 * 4 + 1 and not summary["skipped"]
     assert summary["calibration"].startswith("self-generated: 2 x 24 tokens from BOS 1")
     assert any(line.startswith("quantized 15 weights to int8") for line in lines)
+    assert summary["search"] and all(r["mse"] <= r["mse_minmax"] for r in summary["search"].values())
     assert (out.parent / "tokenizer.json").exists() and (out.parent / "config.json").exists()
     model = onnx.load(str(out), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert (meta["ttfsc.abits"], meta["ttfsc.wbits"], meta["ttfsc.method"]) == ("6", "8", "minmax")
+    assert (meta["ttfsc.abits"], meta["ttfsc.wbits"], meta["ttfsc.method"]) == ("6", "8", "search")
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 9 and ops.count("Clip") >= 9
     assert not any(n.op_type == "Add" and n.input[0].endswith("_dequantized") for n in model.graph.node)
