@@ -16,7 +16,7 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
     if abits_default is not None:
         p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
-    p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "search"),
+    p.add_argument("--method", default="search", choices=("minmax", "percentile", "search"),
                    help="activation range calibration (search: clipping of least layer-output MSE)")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
     p.add_argument("--prefix", default="auto",

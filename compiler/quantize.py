@@ -38,6 +38,21 @@ optimisations); abits <= 7 or wbits = 4 cannot saturate.
 
 Calibration runs the float model in onnxruntime with every target activation added as a graph
 output, on text from ``--calib`` or, without it, on sequences the model samples itself from BOS.
+
+Outlier prefix (``--prefix auto``, after PrefixQuant). In SmolLM2 whatever token stands first is
+an attention sink whose down_proj input peaks ~2,000x above the median token, so a per-tensor
+range fitted to it leaves ordinary tokens a handful of codes. Calibration first scans the float
+model for such positions and tokens, then picks a prefix: BOS, plus any token that is an outlier
+only as a sink (prefixing it must at least halve its outlier count; tokens that are large at every
+occurrence stay out). The prefix's KV cache, computed once by the float model, is saved as
+``prefix.npz`` beside the output (metadata ``ttfsc.prefix`` = its token ids) and every
+``Generator`` runs sequences after it; calibration itself runs after it, so the ranges never see
+the sink.
+
+Range search (``--method search``). Per tensor, the clipped range [r_lo*min, r_hi*max] (ratios
+1.0 .. 0.25) of least mean squared error of the following linear layer's output on a seeded
+subsample of calibration rows; minmax is a candidate, so it is never worse on that sample.
+
 Memory stays bounded: weights are read one at a time (memory-mapped for external data), quantized
 in row blocks and spilled to a temporary file that ``modelio.save_model`` streams into the output.
 """
@@ -50,7 +65,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -64,6 +79,7 @@ from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 MS_DOMAIN = "com.microsoft"
 WEIGHT_BITS = {8: 127, 4: 7}  # wbits -> largest symmetric code
 METHODS = ("minmax", "percentile", "search")
+DEFAULT_METHOD = "search"  # measured best on SmolLM2-135M W8A6/W8A4 (benchmarks/lowT.md)
 PREFIX_MODES = ("auto", "none", "bos")  # or explicit comma-separated token ids
 SEED = 0
 PERCENTILE_SUBSAMPLE = 1 << 16  # values kept per tensor per calibration sequence
@@ -814,7 +830,7 @@ def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: d
 
 
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
-                   method: str = "minmax", percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
+                   method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, prefix: str = "auto", log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 

@@ -162,7 +162,7 @@ def test_shared_input_gets_one_chain_and_mask_add_stays_float(tmp_path):
     assert lin["masked_linear"][0] == "sm", "non-finite activation must stay float"
     assert summary["skipped"] == ["sm"] and summary["activations"] == 2
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["ttfsc.abits"] == "6" and meta["ttfsc.wbits"] == "8" and meta["ttfsc.method"] == "minmax"
+    assert meta["ttfsc.abits"] == "6" and meta["ttfsc.wbits"] == "8" and meta["ttfsc.method"] == "search"  # the default
     assert "4 batches" in meta["ttfsc.calibration"]
     onnx.checker.check_model(model)
 
