@@ -170,8 +170,13 @@ def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
         entry.key, entry.value = key, value
 
 
+# quantize's options that compile forwards when it has to quantize a float model first
+QUANT_OPTIONS = ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen", "prefix",
+                 "rotate", "rotate_seed", "smooth")
+
+
 def compile_cli(args) -> int:
-    opts = {k: getattr(args, k) for k in ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen")}
+    opts = {k: getattr(args, k) for k in QUANT_OPTIONS if hasattr(args, k)}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     coding = getattr(args, "coding", "ttfs")
     report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log, coding=coding)
