@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--wbits", default="8")
     ap.add_argument("--abits", default="6")
     ap.add_argument("--md", default=None, help="append the markdown section to this file")
+    ap.add_argument("--quant-args", default="", help="extra `ttfsc quantize` flags, e.g. '--method minmax --prefix none'")
     args = ap.parse_args()
     work = Path(args.work or f"out/bench-{args.model}")
     T = str(1 << int(args.abits))
@@ -105,7 +106,8 @@ def main() -> None:
     steps = {}
     if not fp.exists():
         steps["export"] = ttfsc("export", *source(args.model), "-o", str(fp))[:2]
-    steps["quantize"] = ttfsc("quantize", str(fp), "--wbits", args.wbits, "--abits", args.abits, "-o", str(qdq))[:2]
+    steps["quantize"] = ttfsc("quantize", str(fp), "--wbits", args.wbits, "--abits", args.abits, "-o", str(qdq),
+                              *args.quant_args.split())[:2]
     steps["compile"] = ttfsc("compile", str(qdq), "-T", T, "-o", str(snn))[:2]
     vwall, _, vout = ttfsc("verify", str(qdq), str(snn), "--tokens", "64", "--text", str(DATA[args.model]), "--json")
     ver = json.loads(vout)
