@@ -13,6 +13,7 @@ from ttfsc.compiler.errors import TtfscError
 
 
 def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
+    from ttfsc.compiler.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH  # defaults live with their measurements
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
     if abits_default is not None:
         p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
@@ -22,6 +23,13 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
     p.add_argument("--prefix", default="auto",
                    help="fixed prefix whose float KV cache is kept (PrefixQuant): auto (outlier tokens found in "
                         "calibration, if any), none, bos, or token ids such as 1,198")
+    p.add_argument("--rotate", default=DEFAULT_ROTATE, choices=("none", "hadamard", "random"),
+                   help=f"rotate the residual stream before calibrating (QuaRot-style, function-preserving; "
+                        f"default {DEFAULT_ROTATE})")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
+    p.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="ALPHA",
+                   help=f"SmoothQuant migration strength for norm outputs and down_proj inputs, 0 = off "
+                        f"(default {DEFAULT_SMOOTH:g})")
     p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
     p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")

@@ -60,9 +60,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import Counter
+import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -73,6 +74,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
+from ttfsc.compiler.rotate import KINDS as ROTATIONS, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
@@ -91,13 +93,15 @@ SEARCH_ROWS = 256  # token rows per tensor kept for the clipping search (over al
 SEARCH_COLUMNS = 512  # output columns of the following linear(s) that score a clipping
 BLOCK_BYTES = 64 << 20  # weight rows processed at once (float32 bytes)
 DEFAULT_BOS = 1
+DEFAULT_ROTATE = "none"  # residual rotation before calibration (benchmarks/lowT.md)
+DEFAULT_SMOOTH = 0.0  # SmoothQuant alpha before calibration; 0 = off (benchmarks/lowT.md)
 Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consumers read
 
 
 # ---------------------------------------------------------------- validation and discovery
 
 def _check_options(wbits: int, abits: int, method: str, percentile: float, calib_samples: int,
-                   calib_seqlen: int, prefix: str) -> None:
+                   calib_seqlen: int, prefix: str, rotate: str = "none", smooth: float = 0.0) -> None:
     """Reject bad options before any file is read, so errors are about the option, not the model."""
     if wbits not in WEIGHT_BITS:
         raise TtfscError(f"--wbits {wbits} is not supported; use 8 or 4.")
@@ -111,6 +115,10 @@ def _check_options(wbits: int, abits: int, method: str, percentile: float, calib
         raise TtfscError(f"--calib-samples {calib_samples} must be at least 1.")
     if calib_seqlen < 2:
         raise TtfscError(f"--calib-seqlen {calib_seqlen} must be at least 2.")
+    if rotate not in ("none", *ROTATIONS):
+        raise TtfscError(f"--rotate {rotate} is unknown; use none, {', '.join(ROTATIONS)}.")
+    if not 0.0 <= smooth <= 1.0:
+        raise TtfscError(f"--smooth {smooth} is outside [0, 1]; 0 turns smoothing off, SmoothQuant uses 0.5.")
     parse_prefix(prefix)
 
 
@@ -787,30 +795,115 @@ class Calibration:
     desc: str
 
 
+def _calibration_feeds(sess: Any, path: str, acts: Sequence[str], calib: Any, prefix_mode: str | list[int],
+                       samples: int, seqlen: int, log: Callable[[str], Any]
+                       ) -> tuple[list[dict[str, np.ndarray]], Prefix | None, str]:
+    """Feeds to calibrate on (after the prefix ``prefix_mode`` picks, if any), the prefix, and their origin.
+
+    Shared by range calibration and the smoothing statistics, so both see activations exactly as
+    the quantized model will: after the prefix's float KV cache, without the sink.
+    """
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):
+        feeds = [dict(f) for f in calib]
+        if not feeds:
+            raise TtfscError("calibration feeds are empty; give at least one input dict.")
+        if prefix_mode not in ("auto", "none"):
+            raise TtfscError("--prefix needs a decoder calibrated on text; given feeds cannot take a prefix.")
+        return feeds, None, f"given feeds: {len(feeds)} batches"
+    gen = decoder(sess, path)
+    seqs, desc = calibration_sequences(gen, path, calib, samples, seqlen, log)
+    prefix = choose_prefix(prefix_mode, sess, acts, gen, path, seqs, _bos_id(path), log)
+    gen = decoder(sess, path, prefix)
+    return [gen.feeds(gen.strip_bos(ids)) for ids in seqs], prefix, desc
+
+
 def _calibrate_model(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto], acts: list[str], calib: Any,
                      method: str, percentile: float, abits: int, prefix_mode: str | list[int], samples: int,
                      seqlen: int, log: Callable[[str], Any]) -> Calibration:
     """Ranges of ``acts`` from the float model (after the prefix, if any); the model is left as loaded."""
     with _with_outputs(model, acts), _session(model, path) as sess:
-        if calib is not None and not isinstance(calib, (str, os.PathLike)):
-            feeds = [dict(f) for f in calib]
-            if not feeds:
-                raise TtfscError("calibration feeds are empty; give at least one input dict.")
-            if prefix_mode not in ("auto", "none"):
-                raise TtfscError("--prefix needs a decoder calibrated on text; given feeds cannot take a prefix.")
-            prefix, desc = None, f"given feeds: {len(feeds)} batches"
-        else:
-            gen = decoder(sess, path)
-            seqs, desc = calibration_sequences(gen, path, calib, samples, seqlen, log)
-            prefix = choose_prefix(prefix_mode, sess, acts, gen, path, seqs, _bos_id(path), log)
-            gen = decoder(sess, path, prefix)
-            feeds = [gen.feeds(gen.strip_bos(ids)) for ids in seqs]
+        feeds, prefix, desc = _calibration_feeds(sess, path, acts, calib, prefix_mode, samples, seqlen, log)
         observers = calibrate(sess, acts, feeds, make_observer(method, percentile, len(feeds)))
     if method == "search":
         ranges, search = searched_ranges(model, linears, observers, abits)
     else:
         ranges, search = {n: ob.range() for n, ob in observers.items()}, {}
     return Calibration(ranges, prefix, search, desc)
+
+
+# ---------------------------------------------------------------- rotation and smoothing first
+
+class ChannelMax:
+    """Per-channel max|x| (last axis): the activation statistic SmoothQuant balances against weights."""
+
+    def __init__(self) -> None:
+        self.value: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        self.value = merge_channel_max(self.value, x)
+
+
+@dataclass
+class Transform:
+    """The float model quantization starts from, and what was done to get it."""
+
+    path: str                       # model to calibrate and quantize (the original or a temporary copy)
+    prefix_mode: str | list[int]    # prefix for calibration: ids already chosen while smoothing, else as given
+    meta: dict[str, str]            # ttfsc.rotation / ttfsc.smoothing
+
+
+def _smooth(path: str, out: str, alpha: float, calib: Any, prefix_mode: str | list[int], samples: int,
+            seqlen: int, log: Callable[[str], Any]) -> tuple[str | list[int], str]:
+    """SmoothQuant ``path`` into ``out`` with channel maxima measured after the prefix.
+
+    The prefix is chosen here (the sink would otherwise set every maximum) and its ids are handed
+    on, so calibration of the smoothed model uses the same prefix without scanning again; the
+    smoothing is function-preserving, so the sink tokens are the same.
+    """
+    model = modelio.load_model(path)
+    acts = _activation_names(model, find_linears(model))
+    targets = smoothable_inputs(model)
+    with _with_outputs(model, acts), _session(model, path) as sess:
+        feeds, prefix, _ = _calibration_feeds(sess, path, acts, calib, prefix_mode, samples, seqlen, log)
+        observers = calibrate(sess, targets, feeds, ChannelMax)
+    act_max = {n: ob.value for n, ob in observers.items() if ob.value is not None}
+    info = smooth_model(path, out, act_max, alpha=alpha)
+    log(f"smoothing: alpha {alpha}, {len(info['smoothed'])} linear inputs (norm outputs, down_proj inputs)")
+    chosen: str | list[int] = list(prefix.ids) if prefix is not None else "none"
+    return chosen, f"alpha={alpha} tensors={len(info['smoothed'])}"
+
+
+@contextlib.contextmanager
+def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float, calib: Any,
+                 prefix_mode: str | list[int], samples: int, seqlen: int,
+                 log: Callable[[str], Any]) -> Iterator[Transform]:
+    """Rotate, then smooth, ``path`` into a temporary folder inside ``out_dir`` (deleted afterwards).
+
+    Order matters: smoothing measures the rotated model's channels, and every later stage (prefix
+    KV, calibration, search) runs on the transformed float model the QANN is quantized from.
+    """
+    meta = {"ttfsc.rotation": "none", "ttfsc.smoothing": "none"}
+    if rotate == "none" and not alpha:
+        yield Transform(path, prefix_mode, meta)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ttfsc-transform.", dir=out_dir))
+    try:
+        src = path
+        if rotate != "none":
+            t0 = time.perf_counter()
+            src = str(tmp / "rotated" / "model.onnx")
+            rotate_model(path, src, seed=seed, kind=rotate)
+            meta["ttfsc.rotation"] = f"{rotate} seed={seed}"
+            log(f"rotation: {rotate} seed {seed} ({time.perf_counter() - t0:.1f}s)")
+        if alpha:
+            smoothed = str(tmp / "smoothed" / "model.onnx")
+            prefix_mode, meta["ttfsc.smoothing"] = _smooth(src, smoothed, alpha, calib, prefix_mode, samples,
+                                                           seqlen, log)
+            src = smoothed
+        yield Transform(src, prefix_mode, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
@@ -831,25 +924,44 @@ def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: d
 
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
                    method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
-                   calib_seqlen: int = 128, prefix: str = "auto", log: Callable[[str], Any] = print) -> dict:
+                   calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
+                   smooth: float = DEFAULT_SMOOTH, log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
     ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
     dicts (used as is: for non-decoder graphs and tests). ``prefix`` is auto (outlier tokens
     found in calibration, if any), none, bos, or token ids "1,198"; its float KV cache is saved as
-    ``prefix.npz`` beside the output and every Generator on the output applies it.
+    ``prefix.npz`` beside the output and every Generator on the output applies it. ``rotate``
+    (none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float model
+    first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed one.
     """
-    _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix)
+    _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):
+        calib = [dict(f) for f in calib]  # read once: smoothing and calibration both iterate it
     path = str(model_path)
+    _check_opset(modelio.load_model(path), path)
+    out_dir = Path(out_path).resolve().parent
+    with _transformed(path, out_dir, rotate, rotate_seed, smooth, calib, parse_prefix(prefix), calib_samples,
+                      calib_seqlen, log) as tf:
+        summary = _quantize_float(tf, path, out_path, wbits, abits, method, percentile, calib, calib_samples,
+                                  calib_seqlen, log)
+    modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
+    return summary
+
+
+def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, wbits: int, abits: int, method: str,
+                    percentile: float, calib: Any, calib_samples: int, calib_seqlen: int,
+                    log: Callable[[str], Any]) -> dict:
+    """Calibrate and quantize the (transformed) float model ``tf.path``; write the QANN and prefix.npz."""
+    path = tf.path
     model = modelio.load_model(path)
-    _check_opset(model, path)
     linears = find_linears(model)
     if not linears:
-        raise TtfscError(f"{path}: no MatMul with a float32 initializer weight to quantize; "
+        raise TtfscError(f"{original}: no MatMul with a float32 initializer weight to quantize; "
                          "give a float model exported with `ttfsc export` (not an already quantized one).")
     acts = _activation_names(model, linears)
     t0 = time.perf_counter()
-    cal = _calibrate_model(model, path, linears, acts, calib, method, percentile, abits, parse_prefix(prefix),
+    cal = _calibrate_model(model, path, linears, acts, calib, method, percentile, abits, tf.prefix_mode,
                            calib_samples, calib_seqlen, log)
     t_calib = time.perf_counter() - t0
     params, skipped = _split_finite(cal.ranges, abits)
@@ -857,17 +969,16 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
         log(f"skipped activation {name}: calibrated range {cal.ranges[name]} is not finite; it stays float")
     method_desc = f"percentile {percentile}" if method == "percentile" else method
     meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc,
-            "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else ""}
+            "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else "", **tf.meta}
     n_weights = _write_qann(model, linears, params, wbits, meta, out_path)
-    out_dir = Path(out_path).resolve().parent
     if cal.prefix is not None:
-        _save_prefix(cal.prefix, out_dir / PREFIX_FILE)
-    modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
+        _save_prefix(cal.prefix, Path(out_path).resolve().parent / PREFIX_FILE)
     summary = {
-        "model": path, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
+        "model": original, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
         "percentile": percentile if method == "percentile" else None, "weights": n_weights,
         "activations": len(params), "skipped": skipped, "calibration": cal.desc,
-        "calibration_seconds": round(t_calib, 3),
+        "calibration_seconds": round(t_calib, 3), "rotation": tf.meta["ttfsc.rotation"],
+        "smoothing": tf.meta["ttfsc.smoothing"],
         "prefix": {"tokens": list(cal.prefix.ids), "kv_bytes": cal.prefix.kv_bytes} if cal.prefix else None,
         "search": cal.search,
         "ranges": {n: {"min": cal.ranges[n][0], "max": cal.ranges[n][1], "scale": float(p.scale),
@@ -904,8 +1015,10 @@ def _log_summary(summary: dict, cal: Calibration, params: dict[str, ActParams], 
 
 
 def quantize_cli(args: Any) -> int:
-    """``ttfsc quantize MODEL -o OUT [--wbits --abits --method --percentile --prefix --calib ...]``."""
+    """``ttfsc quantize MODEL -o OUT [--wbits --abits --method --percentile --prefix --rotate --smooth --calib ...]``."""
     quantize_model(args.model, args.output, wbits=args.wbits, abits=args.abits, method=args.method,
                    percentile=args.percentile, calib=args.calib, calib_samples=args.calib_samples,
-                   calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"))
+                   calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"),
+                   rotate=getattr(args, "rotate", DEFAULT_ROTATE), rotate_seed=getattr(args, "rotate_seed", 0),
+                   smooth=getattr(args, "smooth", DEFAULT_SMOOTH))
     return 0

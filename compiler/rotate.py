@@ -583,6 +583,28 @@ def linear_inputs(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def smoothable_inputs(model: onnx.ModelProto) -> list[str]:
+    """Linear inputs ``smooth_model`` can migrate scales out of: RMSNorm outputs (the gain absorbs
+    1/s) and SwiGLU products (up_proj absorbs it). o_proj inputs are left out: no op before them
+    can absorb a per-channel scale without touching the attention."""
+    s = analyse(model)
+    g = _Graph(model)
+    names = [n.output for n in s.norms]
+    for node in model.graph.node:
+        if g.weight_of(node) is None or node.input[0] in names:
+            continue
+        with contextlib.suppress(TtfscError):
+            _up_proj_of(g, node)
+            names.append(node.input[0])
+    return names
+
+
+def merge_channel_max(acc: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """Running per-channel (last axis) max|x|; the one reduction channel_max and quantize share."""
+    m = np.abs(np.asarray(x).reshape(-1, x.shape[-1])).max(axis=0)
+    return m if acc is None else np.maximum(acc, m)
+
+
 def channel_max(model_path: str | os.PathLike, feeds: Iterable[dict[str, np.ndarray]],
                 names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Per-channel max|x| of linear-layer inputs over ``feeds`` (the act_max smooth_model wants)."""
@@ -595,6 +617,5 @@ def channel_max(model_path: str | os.PathLike, feeds: Iterable[dict[str, np.ndar
     out: dict[str, np.ndarray] = {}
     for feed in feeds:
         for n, v in zip(names, sess.run(names, feed)):
-            m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
-            out[n] = np.maximum(out[n], m) if n in out else m
+            out[n] = merge_channel_max(out.get(n), v)
     return out

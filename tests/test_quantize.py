@@ -415,3 +415,28 @@ def test_tiny_llama_text_calibration_cli(tiny_llama_onnx, tmp_path, capsys):
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
     ids = np.arange(1, 20, dtype=np.int64)
     assert np.all(np.isfinite(_decoder_run(out, ids)))
+
+
+@pytest.mark.parametrize("rotate,smooth", [("hadamard", 0.0), ("none", 0.5), ("hadamard", 0.5)])
+def test_rotate_and_smooth_before_quantizing(tiny_llama_onnx, tmp_path, rotate, smooth):
+    """The flags transform the float model first: metadata records it, the QANN runs and stays close to
+    the original float model, and the temporary transformed copy is gone."""
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a tiny model that liked to count spikes. " * 8)
+    out = tmp_path / "q" / "model.onnx"
+    summary = quantize_model(tiny_llama_onnx, out, abits=8, calib=str(text), calib_samples=2, calib_seqlen=24,
+                             rotate=rotate, smooth=smooth, log=lambda s: None)
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta["ttfsc.rotation"] == ("none" if rotate == "none" else f"{rotate} seed=0") == summary["rotation"]
+    assert meta["ttfsc.smoothing"].startswith("alpha=0.5 tensors=7" if smooth else "none")
+    assert not list(out.parent.glob(".ttfsc-*"))
+    ids = np.array([1, 40, 71, 72, 3, 80, 69, 76, 76, 79, 14, 3, 55, 79, 82], dtype=np.int64)
+    ref, got = _decoder_run(tiny_llama_onnx, ids), _decoder_run(out, ids, fuse_qdq=False)
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_rotate_and_smooth_options_are_checked(tiny_llama_onnx, tmp_path):
+    with pytest.raises(TtfscError, match="--rotate"):
+        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", rotate="givens")
+    with pytest.raises(TtfscError, match="--smooth"):
+        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", smooth=1.5)
