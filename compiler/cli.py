@@ -23,9 +23,9 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
     p.add_argument("--prefix", default="auto",
                    help="fixed prefix whose float KV cache is kept (PrefixQuant): auto (outlier tokens found in "
                         "calibration, if any), none, bos, or token ids such as 1,198")
-    p.add_argument("--rotate", default=DEFAULT_ROTATE, choices=("none", "hadamard", "random"),
-                   help=f"rotate the residual stream before calibrating (QuaRot-style, function-preserving; "
-                        f"default {DEFAULT_ROTATE})")
+    p.add_argument("--rotate", default=DEFAULT_ROTATE, choices=("auto", "none", "hadamard", "random"),
+                   help="rotate the residual stream before calibrating (QuaRot-style, function-preserving); "
+                        "auto: hadamard (and --smooth) for a recognised LLaMA decoder, nothing for other graphs")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
     p.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="ALPHA",
                    help=f"SmoothQuant migration strength for norm outputs and down_proj inputs, 0 = off "

@@ -74,7 +74,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.rotate import KINDS as ROTATIONS, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
+from ttfsc.compiler.rotate import KINDS as ROTATIONS, analyse, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
@@ -93,8 +93,9 @@ SEARCH_ROWS = 256  # token rows per tensor kept for the clipping search (over al
 SEARCH_COLUMNS = 512  # output columns of the following linear(s) that score a clipping
 BLOCK_BYTES = 64 << 20  # weight rows processed at once (float32 bytes)
 DEFAULT_BOS = 1
-DEFAULT_ROTATE = "none"  # residual rotation before calibration (benchmarks/lowT.md)
-DEFAULT_SMOOTH = 0.0  # SmoothQuant alpha before calibration; 0 = off (benchmarks/lowT.md)
+ROTATE_AUTO = "hadamard"  # what --rotate auto applies to a recognised LLaMA decoder
+DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks/lowT.md)
+DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consumers read
 
 
@@ -115,8 +116,8 @@ def _check_options(wbits: int, abits: int, method: str, percentile: float, calib
         raise TtfscError(f"--calib-samples {calib_samples} must be at least 1.")
     if calib_seqlen < 2:
         raise TtfscError(f"--calib-seqlen {calib_seqlen} must be at least 2.")
-    if rotate not in ("none", *ROTATIONS):
-        raise TtfscError(f"--rotate {rotate} is unknown; use none, {', '.join(ROTATIONS)}.")
+    if rotate not in ("auto", "none", *ROTATIONS):
+        raise TtfscError(f"--rotate {rotate} is unknown; use auto, none, {', '.join(ROTATIONS)}.")
     if not 0.0 <= smooth <= 1.0:
         raise TtfscError(f"--smooth {smooth} is outside [0, 1]; 0 turns smoothing off, SmoothQuant uses 0.5.")
     parse_prefix(prefix)
@@ -873,6 +874,21 @@ def _smooth(path: str, out: str, alpha: float, calib: Any, prefix_mode: str | li
     return chosen, f"alpha={alpha} tensors={len(info['smoothed'])}"
 
 
+def _resolve_auto(path: str, rotate: str, alpha: float, log: Callable[[str], Any]) -> tuple[str, float]:
+    """``auto``: rotate (and smooth) a graph rotate.py recognises as a LLaMA decoder, leave others alone.
+
+    Defaults must not make quantize refuse a graph it can quantize; an explicit --rotate does raise.
+    """
+    if rotate != "auto":
+        return rotate, alpha
+    try:
+        analyse(modelio.load_model(path))
+    except TtfscError as exc:
+        log(f"rotation/smoothing: skipped, not a recognised LLaMA decoder ({str(exc)[:120]})")
+        return "none", 0.0
+    return ROTATE_AUTO, alpha
+
+
 @contextlib.contextmanager
 def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float, calib: Any,
                  prefix_mode: str | list[int], samples: int, seqlen: int,
@@ -883,6 +899,7 @@ def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float,
     KV, calibration, search) runs on the transformed float model the QANN is quantized from.
     """
     meta = {"ttfsc.rotation": "none", "ttfsc.smoothing": "none"}
+    rotate, alpha = _resolve_auto(path, rotate, alpha, log)
     if rotate == "none" and not alpha:
         yield Transform(path, prefix_mode, meta)
         return
@@ -932,8 +949,9 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     dicts (used as is: for non-decoder graphs and tests). ``prefix`` is auto (outlier tokens
     found in calibration, if any), none, bos, or token ids "1,198"; its float KV cache is saved as
     ``prefix.npz`` beside the output and every Generator on the output applies it. ``rotate``
-    (none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float model
-    first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed one.
+    (auto, none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float
+    model first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed
+    one. ``auto`` is hadamard for a recognised LLaMA decoder and no transform for any other graph.
     """
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
     if calib is not None and not isinstance(calib, (str, os.PathLike)):
