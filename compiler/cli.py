@@ -13,7 +13,7 @@ from ttfsc.compiler.errors import TtfscError
 
 
 def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
-    from ttfsc.compiler.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH  # defaults live with their measurements
+    from ttfsc.compiler.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH, LOW_BIT_SMOOTH  # defaults live with their measurements
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
     if abits_default is not None:
         p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
@@ -27,9 +27,9 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
                    help="rotate the residual stream before calibrating (QuaRot-style, function-preserving); "
                         "auto: hadamard (and --smooth) for a recognised LLaMA decoder, nothing for other graphs")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
-    p.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="ALPHA",
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help=f"SmoothQuant migration strength for norm outputs and down_proj inputs, 0 = off "
-                        f"(default {DEFAULT_SMOOTH:g})")
+                        f"(default {DEFAULT_SMOOTH:g}, {LOW_BIT_SMOOTH:g} at 4 activation bits or fewer)")
     p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
     p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")

@@ -96,6 +96,12 @@ DEFAULT_BOS = 1
 ROTATE_AUTO = "hadamard"  # what --rotate auto applies to a recognised LLaMA decoder
 DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks/lowT.md)
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
+LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
+
+
+def default_smooth(abits: int) -> float:
+    """SmoothQuant alpha when none is given: stronger migration pays off at 4 bits and below."""
+    return LOW_BIT_SMOOTH if abits <= 4 else DEFAULT_SMOOTH
 Chain = tuple[list[onnx.NodeProto], str]  # new nodes and the tensor their consumers read
 
 
@@ -942,7 +948,7 @@ def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: d
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
                    method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
-                   smooth: float = DEFAULT_SMOOTH, log: Callable[[str], Any] = print) -> dict:
+                   smooth: float | None = None, log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
     ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
@@ -952,7 +958,9 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     (auto, none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float
     model first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed
     one. ``auto`` is hadamard for a recognised LLaMA decoder and no transform for any other graph.
+    ``smooth=None`` picks ``default_smooth(abits)``.
     """
+    smooth = default_smooth(abits) if smooth is None else smooth
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
     if calib is not None and not isinstance(calib, (str, os.PathLike)):
         calib = [dict(f) for f in calib]  # read once: smoothing and calibration both iterate it

@@ -440,3 +440,8 @@ def test_rotate_and_smooth_options_are_checked(tiny_llama_onnx, tmp_path):
         quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", rotate="givens")
     with pytest.raises(TtfscError, match="--smooth"):
         quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", smooth=1.5)
+
+
+def test_default_smoothing_strength_depends_on_width():
+    from ttfsc.compiler.quantize import DEFAULT_SMOOTH, LOW_BIT_SMOOTH, default_smooth
+    assert default_smooth(4) == LOW_BIT_SMOOTH > DEFAULT_SMOOTH == default_smooth(6) == default_smooth(8)
