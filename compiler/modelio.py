@@ -234,6 +234,51 @@ def _write_proto(model: onnx.ModelProto, path: str) -> None:
         f.write(serialize(model))
 
 
+class SpillFile:
+    """A temporary file that receives transformed weights one at a time, deleted on close.
+
+    Tensors in it are referenced by absolute path; ``save_model`` then streams them into the
+    output's data file like any other external tensor, so a transform (quantize, rotate) never
+    holds all new weights in memory.
+    """
+
+    def __init__(self, folder: Path, tag: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=f".ttfsc-{tag}.", suffix=".tmp", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.offset = 0
+
+    def begin(self) -> int:
+        """Align and return where the next tensor starts."""
+        pad = (-self.offset) % 64
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        return self.offset
+
+    def write(self, chunk: np.ndarray) -> None:
+        raw = np.ascontiguousarray(chunk).tobytes()
+        self.file.write(raw)
+        self.offset += len(raw)
+
+    def tensor(self, name: str, dtype: int, dims, start: int) -> TensorProto:
+        """The external TensorProto for what was written since ``start``."""
+        self.file.flush()
+        t = TensorProto(name=name, data_type=dtype, dims=list(dims))
+        _set_external(t, os.path.abspath(self.path), start, self.offset - start)
+        return t
+
+    def put(self, name: str, array: np.ndarray) -> TensorProto:
+        start = self.begin()
+        self.write(array)
+        return self.tensor(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype), np.shape(array), start)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 # Tokenizer/config files that travel with a model (never weights).
 SIDECAR_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",

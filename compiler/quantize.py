@@ -557,45 +557,6 @@ def activation_params(lo: float, hi: float, abits: int) -> ActParams:
 
 # ---------------------------------------------------------------- weights
 
-class WeightSpill:
-    """A temporary file that receives quantized weights, referenced by absolute path.
-
-    ``modelio.save_model`` streams every external tensor into the output's data file, so the
-    quantized weights never need to be in memory together; the spill is deleted afterwards.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix=".ttfsc-qweights.", suffix=".tmp", dir=folder)
-        self.file = os.fdopen(fd, "wb")
-        self.offset = 0
-
-    def write(self, chunk: np.ndarray) -> None:
-        raw = np.ascontiguousarray(chunk).tobytes()
-        self.file.write(raw)
-        self.offset += len(raw)
-
-    def begin(self) -> int:
-        pad = (-self.offset) % 64
-        self.file.write(b"\0" * pad)
-        self.offset += pad
-        return self.offset
-
-    def tensor(self, name: str, dtype: int, dims: Sequence[int], start: int) -> TensorProto:
-        self.file.flush()
-        t = TensorProto(name=name, data_type=dtype, dims=list(dims), data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", os.path.abspath(self.path)), ("offset", str(start)), ("length", str(self.offset - start))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        return t
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 def _row_blocks(w: np.ndarray) -> Iterator[np.ndarray]:
     rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * 4))
     for r in range(0, w.shape[0], rows):
@@ -619,7 +580,7 @@ def weight_codes(block: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(block / scale), -qmax, qmax).astype(np.int8)
 
 
-def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: WeightSpill) -> tuple[TensorProto, np.ndarray]:
+def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: modelio.SpillFile) -> tuple[TensorProto, np.ndarray]:
     """Quantize one [in, out] weight block by block; return its spilled int8 tensor and scales."""
     w = inits.value(name)
     scale = weight_scales(w, qmax, name)
@@ -718,7 +679,7 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
 
 
 def quantize_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], wbits: int,
-                     spill: WeightSpill) -> tuple[list[Chain], set[str]]:
+                     spill: modelio.SpillFile) -> tuple[list[Chain], set[str]]:
     """Point each linear at int8 codes + per-channel DQ; returns the DQ chains and replaced weights.
 
     Nodes are rewired in place; the chains are inserted later in one pass (rebuilding the node
@@ -932,7 +893,7 @@ def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float,
 def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
                 meta: dict[str, str], out_path: str | os.PathLike) -> int:
     """Rewrite ``model`` into the QDQ form and save it; quantized weights pass through a spill file."""
-    spill = WeightSpill(Path(out_path).resolve().parent)
+    spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
     try:
         w_chains, replaced = quantize_weights(model, linears, wbits, spill)
         a_chains = quantize_activations(model, linears, params)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -250,41 +249,10 @@ def rotation(n: int, seed: int = 0, kind: str = "random") -> np.ndarray:
 
 # ---------------------------------------------------------------- weight I/O
 
-class _Spill:
-    """Temporary file for transformed weights, referenced by absolute path until save_model copies them."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix=".ttfsc-rotate.", suffix=".tmp", dir=folder)
-        self.file = os.fdopen(fd, "wb")
-        self.offset = 0
-
-    def put(self, name: str, array: np.ndarray) -> TensorProto:
-        pad = (-self.offset) % 64
-        self.file.write(b"\0" * pad)
-        start = self.offset + pad
-        raw = np.ascontiguousarray(array, dtype=np.float32).tobytes()
-        self.file.write(raw)
-        self.file.flush()
-        self.offset = start + len(raw)
-        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape),
-                        data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", os.path.abspath(self.path)), ("offset", str(start)), ("length", str(len(raw)))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        return t
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 class _Writer:
     """Replaces initializers by transformed copies, untying weights that are shared."""
 
-    def __init__(self, model: onnx.ModelProto, spill: _Spill):
+    def __init__(self, model: onnx.ModelProto, spill: modelio.SpillFile):
         self.model, self.spill = model, spill
         self.inits = modelio.Initializers(model)
         self.claimed: set[str] = set()
@@ -295,8 +263,8 @@ class _Writer:
 
     def replace(self, name: str, array: np.ndarray) -> None:
         """Overwrite initializer ``name`` in place (its only user is being transformed)."""
-        t = self.spill.put(name, array) if array.nbytes > modelio.INLINE_LIMIT else numpy_helper.from_array(
-            np.asarray(array, dtype=np.float32), name)
+        array = np.asarray(array, dtype=np.float32)
+        t = self.spill.put(name, array) if array.nbytes > modelio.INLINE_LIMIT else numpy_helper.from_array(array, name)
         self.inits.by_name[name].CopyFrom(t)
         self.claimed.add(name)
 
@@ -304,7 +272,7 @@ class _Writer:
         name, k = f"{base}.untied", 1
         while name in self.inits:
             name, k = f"{base}.untied{k}", k + 1
-        self.model.graph.initializer.append(self.spill.put(name, array))
+        self.model.graph.initializer.append(self.spill.put(name, np.asarray(array, dtype=np.float32)))
         self.inits.by_name[name] = self.model.graph.initializer[-1]
         self.claimed.add(name)
         self.untied.append(name)
@@ -461,7 +429,7 @@ def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, see
     s = analyse(model)
     q = None if fold_only else rotation(s.hidden, seed, kind)
     g = _Graph(model)
-    spill = _Spill(Path(out_path).resolve().parent)
+    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     try:
         wr = _Writer(model, spill)
         folded = _fold_and_rotate_readers(s, g, wr, q)
@@ -549,7 +517,7 @@ def smooth_model(model_path: str | os.PathLike, out_path: str | os.PathLike, act
     s = analyse(model)
     g = _Graph(model)
     by_tensor = {n.output: n for n in s.norms}
-    spill = _Spill(Path(out_path).resolve().parent)
+    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     done = []
     try:
         wr = _Writer(model, spill)
