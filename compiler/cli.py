@@ -27,12 +27,25 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
                    help="rotate the residual stream before calibrating (QuaRot-style, function-preserving); "
                         "auto: hadamard (and --smooth) for a recognised LLaMA decoder, nothing for other graphs")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
+    p.add_argument("--abits-for", action="append", metavar="PATTERN=BITS",
+                   help="another activation width for tensors whose name contains PATTERN (repeatable); "
+                        "compile such a model with -T auto to keep each stage's window")
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help=f"SmoothQuant migration strength for norm outputs and down_proj inputs, 0 = off "
                         f"(default {DEFAULT_SMOOTH:g}, {LOW_BIT_SMOOTH:g} at 4 activation bits or fewer)")
     p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
     p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")
+
+
+def _window(text: str) -> int | str:
+    """-T takes a number, or 'auto' for per-stage windows read from the QDQ model."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"-T {text!r}: give a power of two such as 64, or auto") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
     p.add_argument("model")
-    p.add_argument("-T", dest="T", type=int, required=True, help="time window (spike slots) per stage, 2^abits")
+    p.add_argument("-T", dest="T", type=_window, required=True,
+                   help="time window (spike slots) per stage, 2^abits; 'auto' keeps each stage's own width (mixed windows)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--requantize", action="store_true", help="accept a QDQ model whose width differs from log2(T) by re-gridding its activations (lossy)")
     p.add_argument("--json", action="store_true", help="print the per-pass report and TTFS stages as JSON")

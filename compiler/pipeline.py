@@ -33,7 +33,7 @@ def is_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
 
 
-def run_passes(model: onnx.ModelProto, T: int, requantize: bool = False, coding: str = "ttfs") -> list[dict]:
+def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, coding: str = "ttfs") -> list[dict]:
     """Rewrite ``model`` in place; return one report per pass."""
     if coding not in EMIT_PASSES:
         raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
@@ -117,26 +117,27 @@ def _check_saved(out_path: str, src: str) -> None:
         raise TtfscError(f"{src}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def compile_model(model_path: str, out_path: str, T: int, requantize: bool = False,
+def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool = False,
                   quant_options: dict | None = None, log=print, coding: str = "ttfs") -> dict:
     """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``.
 
     A float model is first quantized with A = log2(T) bits; that QANN is kept beside the output
-    (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs.
+    (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs. ``T="auto"`` keeps
+    each stage's own width from a QDQ model (mixed windows).
     """
-    try:
-        bits = bits_for_window(T)
-    except ValueError as exc:
-        raise TtfscError(str(exc)) from None
+    bits = _window_bits(T)
     t0 = time.perf_counter()
     model = load_model(model_path)
     src_dir = model_dir(model)
     report: dict = {"input": str(model_path), "T": T, "coding": coding}
     if not is_qdq(model):
+        if bits is None:
+            raise TtfscError(f"{model_path} is a float model: -T auto needs a QDQ model whose widths it keeps. "
+                             "Give -T 2^abits (e.g. 64), or quantize first (ttfsc quantize --abits-for ...).")
         qann_path = qann_path_for(out_path)
         model, report["quantized"] = _quantize_first(model_path, qann_path, bits, quant_options or {}, log)
         report["qann"] = qann_path
-    report["passes"] = run_passes(model, T, requantize, coding)
+    report["passes"] = run_passes(model, None if bits is None else T, requantize, coding)
     _check_rewritten(model, model_path)
     report["stages"] = stages(model)
     report["latency_steps_per_token"] = latency_per_token(model)
@@ -146,6 +147,16 @@ def compile_model(model_path: str, out_path: str, T: int, requantize: bool = Fal
     copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
     report["compile_seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _window_bits(T: int | str) -> int | None:
+    """Bits of a fixed window, None for 'auto'; a bad -T is a clear error."""
+    if T == "auto":
+        return None
+    try:
+        return bits_for_window(int(T))
+    except ValueError as exc:
+        raise TtfscError(str(exc)) from None
 
 
 def qann_path_for(out_path: str) -> str:
@@ -172,7 +183,7 @@ def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
 
 # quantize's options that compile forwards when it has to quantize a float model first
 QUANT_OPTIONS = ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen", "prefix",
-                 "rotate", "rotate_seed", "smooth")
+                 "rotate", "rotate_seed", "smooth", "abits_for")
 
 
 def compile_cli(args) -> int:
@@ -184,7 +195,8 @@ def compile_cli(args) -> int:
         print(json.dumps(report, indent=1, default=str))
         return 0
     rewritten = {k: v for p in report["passes"] for k, v in p["rewritten"].items()}
-    kind = f"TTFS stages of T={args.T}" if coding == "ttfs" else f"rate-coded stages of N={args.T - 1} steps"
+    steps = "/".join(map(str, sorted({s["steps"] for s in report["stages"]})))
+    kind = f"TTFS stages of T={steps}" if coding == "ttfs" else f"rate-coded stages of N={steps} steps"
     print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} {kind}, "
           f"latency {report['latency_steps_per_token']} time steps per token; rewrites {rewritten}; "
           f"{report['compile_seconds']} s")

@@ -59,6 +59,7 @@ in row blocks and spilled to a temporary file that ``modelio.save_model`` stream
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -97,6 +98,30 @@ ROTATE_AUTO = "hadamard"  # what --rotate auto applies to a recognised LLaMA dec
 DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks/lowT.md)
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
+
+
+def bits_for(name: str, abits: int, overrides: dict[str, int] | None) -> int:
+    """Activation width of tensor ``name``: the first override whose pattern it contains, else ``abits``.
+
+    Per-stage widths let a few sensitive tensors get a wider TTFS window (more latency only on
+    their stages) while the rest stay narrow; ``ttfsc compile -T auto`` keeps each stage's window.
+    """
+    for pattern, bits in (overrides or {}).items():
+        if pattern in name:
+            return bits
+    return abits
+
+
+def parse_bits_overrides(specs: Sequence[str] | None) -> dict[str, int]:
+    """``["mlp/Mul=8", ...]`` -> {"mlp/Mul": 8}; bad syntax or widths are a clear error."""
+    out: dict[str, int] = {}
+    for spec in specs or ():
+        pattern, sep, bits = spec.rpartition("=")
+        if not sep or not pattern or not bits.isdigit() or not MIN_BITS <= int(bits) <= MAX_BITS:
+            raise TtfscError(f"--abits-for {spec!r}: expected PATTERN=BITS with BITS in {MIN_BITS}..{MAX_BITS}, "
+                             "e.g. --abits-for mlp/Mul=8 (PATTERN is a substring of the activation tensor name).")
+        out[pattern] = int(bits)
+    return out
 
 
 def default_smooth(abits: int) -> float:
@@ -416,7 +441,7 @@ def consumer_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], x: s
 
 
 def searched_ranges(model: onnx.ModelProto, linears: list[onnx.NodeProto], observers: dict[str, RowSample],
-                    abits: int) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
+                    bits: Callable[[str], int]) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
     """Per tensor, the searched (lo, hi); non-finite tensors keep their (non-finite) range and are skipped later."""
     ranges, report = {}, {}
     for name, ob in observers.items():
@@ -424,7 +449,7 @@ def searched_ranges(model: onnx.ModelProto, linears: list[onnx.NodeProto], obser
         if not (np.isfinite(lo) and np.isfinite(hi)):
             ranges[name] = (lo, hi)
             continue
-        r = search_range(ob.sample(), consumer_weights(model, linears, name), lo, hi, abits)
+        r = search_range(ob.sample(), consumer_weights(model, linears, name), lo, hi, bits(name))
         ranges[name], report[name] = (r["lo"], r["hi"]), r
     return ranges, report
 
@@ -743,11 +768,11 @@ def _log_ranges(ranges: dict[str, tuple[float, float]], params: dict[str, ActPar
         log(f"  {name}: [{lo:.4g}, {hi:.4g}] scale {float(p.scale):.4g} zero_point {p.zero_point}")
 
 
-def _split_finite(ranges: dict[str, tuple[float, float]], abits: int) -> tuple[dict[str, ActParams], list[str]]:
+def _split_finite(ranges: dict[str, tuple[float, float]], bits: Callable[[str], int]) -> tuple[dict[str, ActParams], list[str]]:
     params, skipped = {}, []
     for name, (lo, hi) in ranges.items():
         if np.isfinite(lo) and np.isfinite(hi):
-            params[name] = activation_params(lo, hi, abits)
+            params[name] = activation_params(lo, hi, bits(name))
         else:
             skipped.append(name)
     return params, skipped
@@ -786,14 +811,14 @@ def _calibration_feeds(sess: Any, path: str, acts: Sequence[str], calib: Any, pr
 
 
 def _calibrate_model(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto], acts: list[str], calib: Any,
-                     method: str, percentile: float, abits: int, prefix_mode: str | list[int], samples: int,
+                     method: str, percentile: float, bits: Callable[[str], int], prefix_mode: str | list[int], samples: int,
                      seqlen: int, log: Callable[[str], Any]) -> Calibration:
     """Ranges of ``acts`` from the float model (after the prefix, if any); the model is left as loaded."""
     with _with_outputs(model, acts), _session(model, path) as sess:
         feeds, prefix, desc = _calibration_feeds(sess, path, acts, calib, prefix_mode, samples, seqlen, log)
         observers = calibrate(sess, acts, feeds, make_observer(method, percentile, len(feeds)))
     if method == "search":
-        ranges, search = searched_ranges(model, linears, observers, abits)
+        ranges, search = searched_ranges(model, linears, observers, bits)
     else:
         ranges, search = {n: ob.range() for n, ob in observers.items()}, {}
     return Calibration(ranges, prefix, search, desc)
@@ -909,7 +934,8 @@ def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: d
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, wbits: int = 8, abits: int = 6,
                    method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
-                   smooth: float | None = None, log: Callable[[str], Any] = print) -> dict:
+                   smooth: float | None = None, abits_for: Sequence[str] | dict[str, int] | None = None,
+                   log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
     ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
@@ -919,9 +945,11 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     (auto, none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float
     model first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed
     one. ``auto`` is hadamard for a recognised LLaMA decoder and no transform for any other graph.
-    ``smooth=None`` picks ``default_smooth(abits)``.
+    ``smooth=None`` picks ``default_smooth(abits)``. ``abits_for`` gives some tensors another
+    width (``["mlp/Mul=8"]``: per-stage windows after ``ttfsc compile -T auto``).
     """
     smooth = default_smooth(abits) if smooth is None else smooth
+    overrides = abits_for if isinstance(abits_for, dict) else parse_bits_overrides(abits_for)
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
     if calib is not None and not isinstance(calib, (str, os.PathLike)):
         calib = [dict(f) for f in calib]  # read once: smoothing and calibration both iterate it
@@ -931,14 +959,14 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     with _transformed(path, out_dir, rotate, rotate_seed, smooth, calib, parse_prefix(prefix), calib_samples,
                       calib_seqlen, log) as tf:
         summary = _quantize_float(tf, path, out_path, wbits, abits, method, percentile, calib, calib_samples,
-                                  calib_seqlen, log)
+                                  calib_seqlen, log, overrides)
     modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
     return summary
 
 
 def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, wbits: int, abits: int, method: str,
                     percentile: float, calib: Any, calib_samples: int, calib_seqlen: int,
-                    log: Callable[[str], Any]) -> dict:
+                    log: Callable[[str], Any], abits_for: dict[str, int] | None = None) -> dict:
     """Calibrate and quantize the (transformed) float model ``tf.path``; write the QANN and prefix.npz."""
     path = tf.path
     model = modelio.load_model(path)
@@ -948,14 +976,16 @@ def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, w
                          "give a float model exported with `ttfsc export` (not an already quantized one).")
     acts = _activation_names(model, linears)
     t0 = time.perf_counter()
-    cal = _calibrate_model(model, path, linears, acts, calib, method, percentile, abits, tf.prefix_mode,
+    bits = functools.partial(bits_for, abits=abits, overrides=abits_for)
+    cal = _calibrate_model(model, path, linears, acts, calib, method, percentile, bits, tf.prefix_mode,
                            calib_samples, calib_seqlen, log)
     t_calib = time.perf_counter() - t0
-    params, skipped = _split_finite(cal.ranges, abits)
+    params, skipped = _split_finite(cal.ranges, bits)
     for name in skipped:
         log(f"skipped activation {name}: calibrated range {cal.ranges[name]} is not finite; it stays float")
     method_desc = f"percentile {percentile}" if method == "percentile" else method
     meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc,
+            "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in (abits_for or {}).items()),
             "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else "", **tf.meta}
     n_weights = _write_qann(model, linears, params, wbits, meta, out_path)
     if cal.prefix is not None:
@@ -1007,5 +1037,5 @@ def quantize_cli(args: Any) -> int:
                    percentile=args.percentile, calib=args.calib, calib_samples=args.calib_samples,
                    calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"),
                    rotate=getattr(args, "rotate", DEFAULT_ROTATE), rotate_seed=getattr(args, "rotate_seed", 0),
-                   smooth=getattr(args, "smooth", DEFAULT_SMOOTH))
+                   smooth=getattr(args, "smooth", DEFAULT_SMOOTH), abits_for=getattr(args, "abits_for", None))
     return 0

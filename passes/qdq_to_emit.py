@@ -30,8 +30,8 @@ class QuantDequantToEmit(Rule):
 
     name = "QuantDequantToEmit"
 
-    def __init__(self, T: int, requantize: bool = False):
-        self.T = T
+    def __init__(self, T: int | None, requantize: bool = False):
+        self.T = T  # None: every stage keeps the QDQ model's own width (mixed windows, -T auto)
         self.requantize = requantize
 
     def pattern(self, g: GraphIndex) -> list[Match]:
@@ -69,7 +69,7 @@ class QuantDequantToEmit(Rule):
             bits_for_window(T)
         except ValueError:
             return f"{T} code levels is not 2^n for n in 2..12"
-        if T != self.T and not self.requantize:
+        if self.T is not None and T != self.T and not self.requantize:
             raise WindowMismatch(
                 f"node {q.name or q.output[0]}: the QDQ model quantizes activations to {T} levels "
                 f"({bits_for_window(T)} bits) but -T {self.T} was given. Use -T {T}, or add --requantize "
@@ -102,21 +102,22 @@ class QuantDequantToEmit(Rule):
     #: suffix of the tensor the emission writes (spike times here; counts in the rate variant)
     out_suffix = "spike_t"
 
-    def spec(self, scale: float, z: int, qann_tensor: str, qann_code_min: int) -> EmitSpec:
+    def spec(self, scale: float, z: int, T: int, qann_tensor: str, qann_code_min: int) -> EmitSpec:
         """The emission reproducing codes of (scale, z) on the T-slot grid: Corollary 1's stage.
 
         Subclasses (passes/qdq_to_rate.py) return another coding's spec with the same interface
         (make_node, make_decode); matching, checks and the rewrite itself are shared.
         """
-        return EmitSpec.from_stage(UniformStage(scale, z, self.T), qann_tensor=qann_tensor,
+        return EmitSpec.from_stage(UniformStage(scale, z, T), qann_tensor=qann_tensor,
                                    qann_code_min=qann_code_min)
 
     def rewrite(self, g: GraphIndex, m: Match) -> None:
         q, clip = m.anchor, m.nodes["clip"]
         scale, z, N_src = m.nodes["scale"], m.nodes["zp"] - m.nodes["qmin"], m.nodes["T_src"] - 1
-        if m.nodes["T_src"] != self.T:
-            scale, z = requantize_params(scale, z, N_src, self.T - 1)
-        spec = self.spec(scale, z, q.output[0], m.nodes["qmin"])
+        T = self.T or m.nodes["T_src"]
+        if T != m.nodes["T_src"]:
+            scale, z = requantize_params(scale, z, N_src, T - 1)
+        spec = self.spec(scale, z, T, q.output[0], m.nodes["qmin"])
         v = clip.input[0] if clip is not None else q.input[0]
         t = f"{q.output[0]}/{self.out_suffix}"
         base = q.name or q.output[0]

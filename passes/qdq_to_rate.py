@@ -22,8 +22,8 @@ class QuantDequantToRate(QuantDequantToEmit):
     name = "QuantDequantToRate"
     out_suffix = "spike_count"
 
-    def spec(self, scale: float, z: int, qann_tensor: str, qann_code_min: int) -> RateEmitSpec:
-        return RateEmitSpec.from_stage(RateStage(scale, z, self.T - 1), qann_tensor=qann_tensor,
+    def spec(self, scale: float, z: int, T: int, qann_tensor: str, qann_code_min: int) -> RateEmitSpec:
+        return RateEmitSpec.from_stage(RateStage(scale, z, T - 1), qann_tensor=qann_tensor,
                                        qann_code_min=qann_code_min)
 
 

@@ -116,3 +116,21 @@ def test_verify_catches_a_wrong_stage(qdq_a6: Path, snn_t64: Path, tmp_path: Pat
     assert main(["verify", str(qdq_a6), str(broken), "--tokens", "8"]) == 1
     out = capsys.readouterr().out
     assert emit.name in out and "verify: FAILED" in out
+
+
+def test_mixed_windows_per_stage(tiny_llama_onnx: Path, tmp_path: Path, capsys):
+    """--abits-for widens chosen stages; -T auto keeps each width, latency sums the real windows."""
+    qdq = tmp_path / "mixed.qdq.onnx"
+    assert main(["quantize", str(tiny_llama_onnx), "--abits", "4", "--abits-for", "mlp/Mul=6", "-o", str(qdq), *CALIB]) == 0
+    out = tmp_path / "mixed.snn.onnx"
+    assert main(["compile", str(qdq), "-T", "16", "-o", str(out)]) == 2          # widths differ: a fixed -T refuses
+    assert "--requantize" in capsys.readouterr().err
+    assert main(["compile", str(qdq), "-T", "auto", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    windows = {s["qann_tensor"]: s["window"] for s in rep["stages"]}
+    down = [w for name, w in windows.items() if "mlp_Mul" in name]  # Q output names flatten "/"
+    assert down and set(down) == {64} and set(windows.values()) == {16, 64}
+    # per layer: qkv 16 + o 16 + gate/up 16 + down 64; plus lm_head 16
+    assert rep["latency_steps_per_token"] == 2 * (16 + 16 + 16 + 64) + 16
+    assert verify(str(qdq), str(out), tokens=8)["ok"]
+    assert main(["compile", str(tiny_llama_onnx), "-T", "auto", "-o", str(tmp_path / "f.onnx")]) == 2
