@@ -30,11 +30,13 @@ def cell(fp: Path, work: Path, wbits: int, abits: int, extra: list[str], ids: li
     qdq, snn = work / f"w{wbits}a{abits}.qdq.onnx", work / f"w{wbits}a{abits}.snn.onnx"
     t0 = time.perf_counter()
     ttfsc("quantize", str(fp), "--wbits", str(wbits), "--abits", str(abits), "-o", str(qdq), *extra)
-    latency = json.loads(ttfsc("compile", str(qdq), "-T", str(T), "-o", str(snn), "--json")[2])["latency_steps_per_token"]
+    mixed = "--abits-for" in extra  # per-stage widths: keep each stage's window
+    latency = json.loads(ttfsc("compile", str(qdq), "-T", "auto" if mixed else str(T), "-o", str(snn),
+                               "--json")[2])["latency_steps_per_token"]
     _, _, out = ttfsc("verify", str(qdq), str(snn), "--tokens", "16", "--json")
     ver = json.loads(out)
     ppl, _ = perplexity(Generator(open_session(snn), work), ids, windows, seqlen)
-    return {"wbits": wbits, "abits": abits, "T": T, "ppl": ppl, "verify_ok": ver["ok"],
+    return {"wbits": wbits, "abits": abits, "T": f"{T} (mixed)" if mixed else T, "ppl": ppl, "verify_ok": ver["ok"],
             "mismatch": ver["total"]["mismatch"], "latency": latency,
             "seconds": time.perf_counter() - t0}
 
