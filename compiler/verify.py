@@ -84,7 +84,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return out
 
 
-def _tokens(gen: Generator, rng: np.random.Generator, n: int, vocab: int, bos: int) -> list[int]:
+def _tokens(rng: np.random.Generator, n: int, vocab: int, bos: int) -> list[int]:
     return [bos] + [int(x) for x in rng.integers(3, vocab, n)]
 
 
@@ -112,27 +112,28 @@ def _run(gen: Generator, ids: list[int], extra: list[str]) -> dict:
     return dict(zip(names, gen.session.run(names, feeds)))
 
 
-def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 64, seed: int = 0,
-           log=print) -> dict:
+def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 64, seed: int = 0) -> dict:
     qann, snn = load_model(qdq_path), load_model(snn_path)
     probes = find_probes(qann, snn)
-    q_sess = session_from_model(_with_outputs(qann, [n for p in probes for n in (p.codes, p.value)]),
-                                exact_options(snn))
-    s_sess = open_session(_with_outputs(snn, [p.spikes for p in probes]))
+    q_probes = [n for p in probes for n in (p.codes, p.value)]
+    s_probes = [p.spikes for p in probes]
+    q_sess = session_from_model(_with_outputs(qann, q_probes), exact_options(snn))
+    s_sess = open_session(_with_outputs(snn, s_probes))
     q_gen, s_gen = Generator(q_sess, model_dir(qann)), Generator(s_sess, model_dir(snn))
     tok = _tokenizer(snn_path)
     bos = getattr(tok, "bos_id", None) or 1
     rng = np.random.default_rng(seed)
-    vocab = int(q_sess.get_outputs()[0].shape[-1] or 0) or _vocab(q_gen, bos)
-    seqs = {"random": _tokens(q_gen, rng, tokens, vocab, bos)}
+    dim = q_sess.get_outputs()[0].shape[-1]
+    vocab = dim if isinstance(dim, int) and dim > 0 else _vocab(q_gen, bos)  # symbolic dims are strings
+    seqs = {"random": _tokens(rng, tokens, vocab, bos)}
     if text:
         seqs["text"] = tok.encode(Path(text).read_text()[:20000], bos=True)[:256] if tok else None
         if seqs["text"] is None:
             raise TtfscError(f"{snn_path}: no tokenizer beside the model, so --text cannot be used.")
     max_dlogit = 0.0
     for ids in seqs.values():
-        qo = _run(q_gen, ids, [n for p in probes for n in (p.codes, p.value)])
-        so = _run(s_gen, ids, [p.spikes for p in probes])
+        qo = _run(q_gen, ids, q_probes)
+        so = _run(s_gen, ids, s_probes)
         compare(probes, qo, so)
         max_dlogit = max(max_dlogit, float(np.abs(qo["logits"] - so["logits"]).max()))
     greedy = _greedy(qann, snn, seqs, tokens, bos)

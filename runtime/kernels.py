@@ -144,17 +144,12 @@ def lower_receive(node: onnx.NodeProto) -> Lowering:
     lw = Lowering(node.name or node.output[0])
     t = node.input[0]
     a_in = UniformStage(r.step_in, r.T_in - 1 - r.t_ref_in, r.T_in).a
-    fast = (is_step_kernel(np.asarray(r.eta), r.step_in) and np.float32(r.c_offset) == a_in and r.gain == 1.0)
-    if fast:
-        x = decode_times(lw, t, r.T_in, r.t_ref_in, r.step_in)
-    else:
-        F = receive_table(np.asarray(r.eta), r.c_offset, r.T_in - 1).astype(np.float32)
-        x = lw.op("Gather", [lw.const(F, "F", np.float32), lw.op("Cast", [t], to=TensorProto.INT64)], axis=0)
-    if fast:
-        _receive_matmul(lw, node, x)
+    if is_step_kernel(np.asarray(r.eta), r.step_in) and np.float32(r.c_offset) == a_in and r.gain == 1.0:
+        _receive_matmul(lw, node, decode_times(lw, t, r.T_in, r.t_ref_in, r.step_in))
         return lw
-    wd = _weight(lw, node)
-    v = lw.op("MatMul", [x, wd])
+    F = receive_table(np.asarray(r.eta), r.c_offset, r.T_in - 1).astype(np.float32)
+    x = lw.op("Gather", [lw.const(F, "F", np.float32), lw.op("Cast", [t], to=TensorProto.INT64)], axis=0)
+    v = lw.op("MatMul", [x, _weight(lw, node)])
     lw.op("Mul", [v, lw.const(np.float32(r.gain), "gain", np.float32)], node.output[0])
     return lw
 

@@ -91,7 +91,8 @@ class EmitSpec:
             tie_rule=self.tie_rule, qann_tensor=self.qann_tensor, qann_code_min=self.qann_code_min)
 
     def make_decode(self, t: str, x: str, name: str) -> onnx.NodeProto:
-        return make_decode_node(self, t, x, name)
+        return helper.make_node(DECODE, [t], [x], name=name, domain=DOMAIN, window=self.T, t_ref=self.t_ref,
+                                step=self.step)
 
     def receive_spec(self) -> "ReceiveSpec":
         return ReceiveSpec.from_emit(self)
@@ -122,10 +123,6 @@ class ReceiveSpec:
         return helper.make_node(
             RECEIVE, inputs, [v], name=name, domain=DOMAIN, window_in=self.T_in, t_ref_in=self.t_ref_in,
             step_in=self.step_in, eta=list(self.eta), c_offset=self.c_offset, gain=self.gain)
-
-
-def make_decode_node(e: EmitSpec, t: str, x: str, name: str) -> onnx.NodeProto:
-    return helper.make_node(DECODE, [t], [x], name=name, domain=DOMAIN, window=e.T, t_ref=e.t_ref, step=e.step)
 
 
 def decode_spec(node: onnx.NodeProto) -> tuple[int, int, float]:

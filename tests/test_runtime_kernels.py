@@ -14,7 +14,7 @@ from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from ttfsc import simulator as sim
 from ttfsc.runtime.kernels import MS_DOMAIN
-from ttfsc.runtime.ops import EmitSpec, ReceiveSpec, make_decode_node
+from ttfsc.runtime.ops import EmitSpec, ReceiveSpec
 from ttfsc.runtime.session import default_options, lower_model, open_session
 from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, emit_table, quantizer_codes, time_dtype
 
@@ -241,7 +241,7 @@ def test_decode_equals_decode_times(T):
     rng = np.random.default_rng(T)
     step, t_ref = float(np.float32(rng.uniform(0.001, 0.3))), int(rng.integers(0, T))
     e = EmitSpec(T, t_ref, step, (step,) * (T - 1), 0.0)
-    m = _model([make_decode_node(e, "t", "x", "dec")],
+    m = _model([e.make_decode("t", "x", "dec")],
                [h.make_tensor_value_info("t", _time_type(T), [5, 40])],
                [h.make_tensor_value_info("x", TP.FLOAT, [5, 40])])
     t = rng.integers(0, T, (5, 40))
@@ -263,7 +263,7 @@ def test_T1024_uniform_emit_and_decode(tie_rule):
     rng = np.random.default_rng(1)
     v = np.concatenate([(np.arange(-z - 3, N - z + 3) + 0.5) * scale,
                         rng.integers((-z - 5) * 8, (N - z + 5) * 8, 1000) * (scale / 8)])[None, :]
-    m = _model([es.make_node("V", "t", "emit"), make_decode_node(es, "t", "x", "dec")],
+    m = _model([es.make_node("V", "t", "emit"), es.make_decode("t", "x", "dec")],
                [h.make_tensor_value_info("V", TP.FLOAT, list(v.shape))],
                [h.make_tensor_value_info("t", TP.UINT16, list(v.shape)),
                 h.make_tensor_value_info("x", TP.FLOAT, list(v.shape))])
@@ -292,7 +292,7 @@ def test_lower_model_leaves_no_ttfs_nodes_and_checks():
              ReceiveSpec(16, 3, 0.05, tuple(rng.standard_normal(15)), 0.1, 0.5).make_node(["t", "Wf"], "y2", "recv_tab"),
              EmitSpec(16, 4, 0.1, tuple(rng.uniform(0.1, 1, 15)), 0.7, "half_even").make_node("y2", "t2", "emit_tab"),
              EmitSpec.from_stage(UniformStage(0.1, 3, 16, "half_up")).make_node("y", "t3", "emit_up"),
-             make_decode_node(es, "t", "x", "dec")]
+             es.make_decode("t", "x", "dec")]
     m = _model(nodes, [h.make_tensor_value_info("V", TP.FLOAT, [3, 8])],
                [h.make_tensor_value_info(n, tp, [3, d]) for n, tp, d in
                 [("t2", TP.UINT8, 4), ("t3", TP.UINT8, 4), ("x", TP.FLOAT, 8)]],
