@@ -1,4 +1,4 @@
-"""The ``ttfsc`` command: export, quantize, compile, verify, run.
+"""The ``ttfsc`` command: export, quantize, compile, verify, run, and the commands in COMMAND_MODULES.
 
 Every user error surfaces as one line ``ttfsc: error: ...`` and exit status 2; an unexpected
 failure prints one line and exit status 3 (set TTFSC_DEBUG=1 to see the traceback).
@@ -6,6 +6,7 @@ failure prints one line and exit status 3 (set TTFSC_DEBUG=1 to see the tracebac
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -90,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", action="store_true", help="print spike counts and latency per token")
+    for name, module in COMMAND_MODULES.items():
+        mod = importlib.import_module(module)
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__))
     return ap
+
+
+# Commands that own their arguments: each module defines HELP, add_arguments(parser) and cli(args).
+# Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
+COMMAND_MODULES: dict[str, str] = {
+}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -109,6 +119,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "run":
         from ttfsc.runtime.generate import run_cli
         return run_cli(args)
+    if args.cmd in COMMAND_MODULES:
+        return importlib.import_module(COMMAND_MODULES[args.cmd]).cli(args)
     raise TtfscError(f"unknown command {args.cmd}")
 
 
