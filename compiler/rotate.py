@@ -26,6 +26,7 @@ file that ``modelio.save_model`` streams into the output, so memory stays bounde
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,11 +420,67 @@ def _save(model: onnx.ModelProto, model_path: str | os.PathLike, out_path: str |
     modelio.copy_sidecars(str(Path(model_path).resolve().parent), str(Path(out_path).resolve().parent))
 
 
+def _head_dim(model_path: str | os.PathLike) -> int | None:
+    """head_dim from config.json beside the model (explicit, or hidden_size / num_attention_heads)."""
+    cfg = Path(model_path).resolve().parent / "config.json"
+    if not cfg.exists():
+        return None
+    c = json.loads(cfg.read_text())
+    if c.get("head_dim"):
+        return int(c["head_dim"])
+    if c.get("hidden_size") and c.get("num_attention_heads"):
+        return int(c["hidden_size"]) // int(c["num_attention_heads"])
+    return None
+
+
+def _value_output_pairs(g: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(v_proj, o_proj) MatMuls of each attention block, matched by their export names' scope."""
+    by_scope: dict[str, dict[str, onnx.NodeProto]] = {}
+    for node in g.model.graph.node:
+        for role in ("v_proj", "o_proj"):
+            if f"/{role}/" in node.name and g.weight_of(node) is not None:
+                by_scope.setdefault(node.name.split(f"/{role}/")[0], {})[role] = node
+    return [(d["v_proj"], d["o_proj"]) for d in by_scope.values() if len(d) == 2]
+
+
+def _rotate_value_heads(g: _Graph, wr: _Writer, head_dim: int, seed: int) -> int:
+    """Rotate every value head by one Hadamard H: W_v' = W_v (I kron H), W_o' = (I kron H)^T W_o.
+
+    Attention mixes value rows by the probabilities only, so (P V) H = P (V H): the rotation passes
+    through attention and cancels in o_proj exactly (the same H for every head keeps GQA's shared
+    heads consistent). It spreads o_proj's input outliers over each head like QuaRot's offline
+    W_v/W_o rotation, which the residual rotation cannot reach.
+    """
+    h = rotation(head_dim, seed + 1, "hadamard")
+    pairs = _value_output_pairs(g)
+    for v, o in pairs:
+        w_v, w_o = _current_weight(wr, g, v), _current_weight(wr, g, o)
+        if w_v.shape[1] % head_dim or w_o.shape[0] % head_dim:
+            raise TtfscError(f"nodes {v.name}/{o.name}: widths {w_v.shape[1]}/{w_o.shape[0]} are not multiples of "
+                             f"head_dim {head_dim} (config.json); use --rotate none.")
+        bd_v = np.kron(np.eye(w_v.shape[1] // head_dim), h)
+        bd_o = np.kron(np.eye(w_o.shape[0] // head_dim), h)
+        for node, out in ((v, _right(w_v, bd_v)), (o, _left(bd_o.T, w_o, None))):
+            if node.input[1] in wr.claimed:  # already a private copy from folding/rotation
+                wr.replace(node.input[1], out)
+            else:
+                name, _ = _matmul_weight(g, node)
+                _set_weight(wr, g, node, out, _use_count(g, name) > 1)
+    return len(pairs)
+
+
+def _current_weight(wr: _Writer, g: _Graph, node: onnx.NodeProto) -> np.ndarray:
+    """The weight a MatMul reads now, including copies made earlier in this transform."""
+    name = node.input[1]
+    return wr.value(name) if name in wr.claimed else _read_weight(wr, g, node)
+
+
 def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, seed: int = 0,
-                 kind: str = "random", fold_only: bool = False) -> dict[str, Any]:
+                 kind: str = "random", fold_only: bool = False, value_heads: bool = True) -> dict[str, Any]:
     """Fold RMSNorm gains into their readers and rotate the residual stream by an orthogonal Q.
 
-    ``fold_only`` stops after gamma folding (no rotation). Returns what changed.
+    ``fold_only`` stops after gamma folding (no rotation). ``value_heads`` also rotates each value
+    head (v_proj columns, o_proj rows) by a Hadamard when head_dim is known. Returns what changed.
     """
     model = modelio.load_model(model_path)
     s = analyse(model)
@@ -433,16 +490,19 @@ def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, see
     try:
         wr = _Writer(model, spill)
         folded = _fold_and_rotate_readers(s, g, wr, q)
+        heads = 0
         if q is not None:
             _rotate_writers(s, g, wr, q)
             _rotate_embedding(s, g, wr, q)
+            hd = _head_dim(model_path) if value_heads else None
+            heads = _rotate_value_heads(g, wr, hd, seed) if hd else 0
         _set_metadata(model, {"ttfsc.rotation": "none" if q is None else f"{kind} seed={seed}"})
         _save(model, model_path, out_path)
     finally:
         spill.close()
     return {"model": str(model_path), "output": str(out_path), "kind": None if fold_only else kind, "seed": seed,
             "hidden": s.hidden, "gammas_folded": folded, "readers": sum(len(n.readers) for n in s.norms),
-            "writers": len(s.writers), "embedding": s.embed, "untied": wr.untied}
+            "writers": len(s.writers), "embedding": s.embed, "untied": wr.untied, "value_heads_rotated": heads}
 
 
 def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:

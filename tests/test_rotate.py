@@ -58,6 +58,7 @@ def test_rotation_preserves_logits(original: Path, tmp_path: Path, kind: str) ->
     out = tmp_path / "model.rot.onnx"
     info = rotate_model(original, out, seed=3, kind=kind)
     assert info["gammas_folded"] == 5 and info["writers"] == 4 and info["readers"] == 11
+    assert info["value_heads_rotated"] == 2  # v_proj/o_proj of both layers, head_dim from config.json
     assert _max_diff(original, out) < TOL
     for gamma in _gammas(out):
         np.testing.assert_array_equal(gamma, np.ones_like(gamma))
@@ -66,6 +67,24 @@ def test_rotation_preserves_logits(original: Path, tmp_path: Path, kind: str) ->
     changed = [n for n in after if n in before and after[n].ndim == 2 and not np.allclose(before[n], after[n])]
     assert len(changed) == 1 + 11 + 4  # embedding, every reader and writer
     assert (out.parent / "config.json").exists()
+
+
+def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Path) -> None:
+    """The per-head V/O rotation must cancel through attention (incl. the KV cache step) on its own."""
+    from ttfsc.compiler.rotate import _rotate_value_heads
+    model = modelio.load_model(original)
+    g = _Graph(model)
+    spill = modelio.SpillFile(tmp_path, "t")
+    try:
+        wr = _Writer(model, spill)
+        assert _rotate_value_heads(g, wr, head_dim=16, seed=0) == 2
+        modelio.save_model(model, tmp_path / "model.onnx")
+    finally:
+        spill.close()
+    modelio.copy_sidecars(str(original.parent), str(tmp_path))
+    v = [n for n in model.graph.node if "/v_proj/" in n.name and n.op_type == "MatMul"][0]
+    assert not np.allclose(_weights(original)[v.input[1]], _weights(tmp_path / "model.onnx")[v.input[1]])
+    assert _max_diff(original, tmp_path / "model.onnx") < TOL
 
 
 def test_fold_only_keeps_weights_aligned(original: Path, tmp_path: Path) -> None:
