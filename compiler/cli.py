@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     _add_quant_options(p, abits_default=6)
+    p.add_argument("--full", action="store_true", help="also quantize every nonlinearity, product of activations "
+                   "and the residual stream: the twin of a fully spiking graph (compiler/quantize_full.py)")
+    p.add_argument("--window", action="append", metavar="KIND=LEVELS",
+                   help="--full: levels of one stage kind (repeatable), e.g. softmax=256, residual=256; kinds: "
+                        "residual rmsnorm_ms rsqrt product linear_out rotary silu lse sub exp, softmax, rmsnorm")
 
     p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
     p.add_argument("model")
@@ -73,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coding", choices=("ttfs", "rate"), default="ttfs",
                    help="ttfs: at most one spike per neuron (default); rate: the SpikeLLM-style baseline, "
                         "an integrate-and-fire neuron counting up to T-1 spikes over T-1 steps (same QANN codes)")
+    p.add_argument("--neuron", choices=("qc", "continuous"), default="qc",
+                   help="qc: QC-A2S neurons, bit-exact to the QANN (default); continuous: the TTFSFormer-style "
+                        "baseline from a FLOAT model (Eq. 4 kernels on min/max float ranges, tau = T/(b-a), float "
+                        "weights, -T 16..8192); it floors each activation onto T levels, so compare it with the FP "
+                        "model (perplexity): it is not bit-exact to any QANN and `ttfsc verify` does not apply")
     _add_quant_options(p, abits_default=None)
 
     p = sub.add_parser("verify", help="check a spiking model against its quantized twin")
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands that own their arguments: each module defines HELP, add_arguments(parser) and cli(args).
 # Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
 COMMAND_MODULES: dict[str, str] = {
+    "report": "ttfsc.compiler.report",
 }
 
 

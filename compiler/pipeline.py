@@ -23,7 +23,7 @@ from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
 from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch
 from ttfsc.passes.qdq_to_rate import QdqToRate
 from ttfsc.runtime.ops import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
-from ttfsc.ttfs import CODINGS, DOMAIN, DOMAIN_VERSION, bits_for_window
+from ttfsc.ttfs import CODINGS, DOMAIN, DOMAIN_VERSION, NEURONS, bits_for_window
 
 EMIT_PASSES = {"ttfs": QdqToEmit, "rate": QdqToRate}
 
@@ -37,7 +37,10 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
     """Rewrite ``model`` in place; return one report per pass."""
     if coding not in EMIT_PASSES:
         raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
-    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass(), DeadCode()]
+    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass()]
+    if coding == "ttfs":  # they fire only on a fully quantized twin's stage groups (quantize --full)
+        passes += neuron_passes()
+    passes.append(DeadCode())
     reports = []
     for p in passes:
         try:
@@ -47,6 +50,12 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return reports
+
+
+def neuron_passes() -> list:
+    """The passes that turn a --full twin's nonlinear/product/residual/rotary groups into neurons."""
+    from ttfsc.passes.elementwise_neurons import ElementwiseNeurons
+    return [ElementwiseNeurons()]
 
 
 def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:
@@ -118,13 +127,16 @@ def _check_saved(out_path: str, src: str) -> None:
 
 
 def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool = False,
-                  quant_options: dict | None = None, log=print, coding: str = "ttfs") -> dict:
+                  quant_options: dict | None = None, log=print, coding: str = "ttfs", neuron: str = "qc") -> dict:
     """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``.
 
     A float model is first quantized with A = log2(T) bits; that QANN is kept beside the output
     (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs. ``T="auto"`` keeps
-    each stage's own width from a QDQ model (mixed windows).
+    each stage's own width from a QDQ model (mixed windows). ``neuron="continuous"`` builds the
+    TTFSFormer-style baseline from a float model instead (compiler/continuous.py).
     """
+    if neuron != "qc":
+        return _compile_other_neuron(model_path, out_path, T, requantize, quant_options, log, coding, neuron)
     bits = _window_bits(T)
     t0 = time.perf_counter()
     model = load_model(model_path)
@@ -147,6 +159,18 @@ def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool
     copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
     report["compile_seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _compile_other_neuron(model_path: str, out_path: str, T: int | str, requantize: bool, quant_options: dict | None,
+                          log, coding: str, neuron: str) -> dict:
+    """--neuron continuous (the only other neuron): TTFS coding, no QANN, so no --requantize."""
+    if neuron != "continuous":
+        raise TtfscError(f"--neuron {neuron!r}: choose one of {', '.join(NEURONS)}")
+    if coding != "ttfs" or requantize:
+        raise TtfscError("--neuron continuous is a TTFS baseline built from the float model: "
+                         "drop --coding rate / --requantize.")
+    from ttfsc.compiler.continuous import compile_continuous
+    return compile_continuous(model_path, out_path, T, quant_options, log)
 
 
 def _window_bits(T: int | str) -> int | None:
@@ -190,13 +214,16 @@ def compile_cli(args) -> int:
     opts = {k: getattr(args, k) for k in QUANT_OPTIONS if hasattr(args, k)}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     coding = getattr(args, "coding", "ttfs")
-    report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log, coding=coding)
+    neuron = getattr(args, "neuron", "qc")
+    report = compile_model(args.model, args.output, args.T, args.requantize, opts, log=log, coding=coding,
+                           neuron=neuron)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0
     rewritten = {k: v for p in report["passes"] for k, v in p["rewritten"].items()}
     steps = "/".join(map(str, sorted({s["steps"] for s in report["stages"]})))
     kind = f"TTFS stages of T={steps}" if coding == "ttfs" else f"rate-coded stages of N={steps} steps"
+    kind = f"continuous-kernel {kind}" if neuron == "continuous" else kind
     print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} {kind}, "
           f"latency {report['latency_steps_per_token']} time steps per token; rewrites {rewritten}; "
           f"{report['compile_seconds']} s")

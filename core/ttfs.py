@@ -305,3 +305,170 @@ def is_exact_tie(x: np.ndarray, scale: float) -> np.ndarray:
     """x / scale lies exactly half-way between two codes (the only place rounding rules differ)."""
     u = np.asarray(x, dtype=np.float32) / np.float32(scale)
     return (u - np.floor(u)) == np.float32(0.5)
+
+
+# ---------------------------------------------------------------- continuous-kernel baseline
+
+#: TTFSFormer-style windows: 16 .. 8192 slots (the paper runs TTFSFormer at T = 8192 = 2^13)
+CONTINUOUS_MIN_BITS, CONTINUOUS_MAX_BITS = 4, 13
+NEURONS = ("qc", "continuous")
+
+
+def continuous_window(T: int) -> int:
+    """Check a continuous-kernel window: a power of two from 16 to 8192; returns its bits.
+
+    Wider than :func:`bits_for_window` (at most 12 bits, the QANN's widest code) because the
+    baseline is defined by its clock, not by a quantizer: the paper reports it at T = 8192.
+    """
+    bits = int(T).bit_length() - 1
+    if T <= 0 or (1 << bits) != T or not CONTINUOUS_MIN_BITS <= bits <= CONTINUOUS_MAX_BITS:
+        raise ValueError(f"-T {T} is not a power of two from {1 << CONTINUOUS_MIN_BITS} to "
+                         f"{1 << CONTINUOUS_MAX_BITS} (the continuous-kernel baseline's windows, e.g. 64 or 8192)")
+    return bits
+
+
+@dataclass(frozen=True)
+class ContinuousStage:
+    """A TTFSFormer-style stage: the continuous theory's kernels (Eq. 4) sampled on the discrete clock.
+
+    The range ``[a, b]`` is the float activation's calibrated min/max and ``tau = T / (b - a)``
+    maps it onto the whole window, with no regard for any quantizer's grid (there is none). With
+    ``h = f = identity`` (every stage of today's hybrid graph), Eq. 4 gives
+
+    * ``psi(s) = 1 / (tau * h'(.)) = 1/tau = step``: a constant output kernel;
+    * ``theta = h^-1(b) = b``;
+    * ``eta(s) = f'(s/tau + a) = 1`` per unit of value, i.e. ``step`` per time step (the paper's
+      1/tau factor absorbed as in Theorem 2's normalisation), and ``C`` from ``f(a) = a``: a
+      receiver's table is ``F[t] = a + (N - t) * step`` (``receive_table(eta, a, N)``).
+
+    Discrete clock. Eq. 7 adds ``psi(k)`` during slot ``k`` and the neuron spikes in the slot in
+    which ``V`` reaches ``theta``: ``V(k) + psi(k) >= b``. In ttfsc's emit convention (compare at
+    the start of slot ``k``, ``ttfsc.simulator.emit``) that is the threshold
+    ``theta_slot = b - step``. The first such slot is
+
+        ``t = clip(N - floor((V - a) / step), 0, N)``,
+
+    so the decoded value ``a + (N - t) * step`` is ``a + clip(floor((V - a)/step), 0, N) * step``:
+    a *floor* quantizer onto T levels over ``[a, b)``. This is exactly where QC-A2S differs: its
+    Corollary-1 stage puts the threshold half a step lower (``Delta = step/2``), turning floor
+    into round-to-nearest, and takes ``a``, ``step`` from the QANN, so the SNN *is* the QANN.
+    Here the expected error per stage is half a step plus the clipping of the calibrated range,
+    which only a longer window shrinks (Theorem 3). A hit exactly on the threshold fires (plain
+    ``V >= theta``, ``tie_rule="half_up"``); in float32 that boundary is not reproducible across
+    implementations anyway, and nothing is bit-exact here: the reference is the float model.
+    """
+
+    a: float
+    b: float
+    T: int
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, T: int) -> "ContinuousStage":
+        """Stage for a calibrated range; float32 ends (ONNX attributes), a constant range widened."""
+        a, b = np.float32(lo), np.float32(hi)
+        if not b > a:  # a constant activation: any positive width represents it exactly (level 0)
+            b = np.float32(a + max(abs(float(a)), 1.0))
+        return cls(float(a), float(b), int(T))
+
+    @property
+    def N(self) -> int:
+        return self.T - 1
+
+    @property
+    def step(self) -> np.float32:
+        """Value of one time step, 1/tau = (b - a) / T, in float32 as the runtime uses it."""
+        return np.float32((np.float64(self.b) - np.float64(self.a)) / self.T)
+
+    @property
+    def tau(self) -> float:
+        return float(self.T / (np.float64(self.b) - np.float64(self.a)))
+
+    @property
+    def theta(self) -> np.float32:
+        """Eq. 4: theta = h^-1(b) = b."""
+        return np.float32(self.b)
+
+    @property
+    def theta_slot(self) -> np.float32:
+        """theta as ttfsc's emit phase compares it, at the start of a slot (see the class docstring)."""
+        return np.float32(np.float64(self.b) - np.float64(self.step))
+
+    def psi(self) -> np.ndarray:
+        return np.full(self.N, self.step, dtype=np.float32)
+
+    def eta(self) -> np.ndarray:
+        """Input kernel a consumer of this stage integrates: f' = 1, one step's value per slot."""
+        return np.full(self.N, self.step, dtype=np.float32)
+
+    def values(self) -> np.ndarray:
+        """Value of each spike time t = 0..N (N silent = a): the table decoders and receivers gather."""
+        return receive_table(self.eta(), float(self.a), self.N).astype(np.float32)
+
+    def times(self, v: np.ndarray) -> np.ndarray:
+        """Closed form of the first threshold crossing, in float32 as the runtime computes it."""
+        u = np.floor((np.asarray(v, dtype=np.float32) - np.float32(self.a)) / self.step)
+        return np.clip(self.N - u, 0, self.N).astype(time_dtype(self.T))
+
+    def quantize(self, v: np.ndarray) -> np.ndarray:
+        """What the stage passes on: the floor quantizer onto the T levels of [a, b)."""
+        return self.values()[self.times(v).astype(np.int64)]
+
+
+# ---------------------------------------------------------------- Theorem 1 (kernels -> function)
+
+def theorem1_times(v: np.ndarray, psi: np.ndarray, theta: float, N: int, t_ref: int,
+                   tie_rule: str = "half_even") -> np.ndarray:
+    """Emission of Theorem 1 in closed form: the first slot k with ``V + S[k] >= theta``, else N.
+
+    ``S`` is the cumulative output kernel (:func:`emit_table`); an exact hit fires under
+    ``half_even`` only when ``t_ref - k`` is even, as the simulator's emit phase does.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    vk = v[..., None] + emit_table(psi, N)
+    cross = vk >= np.float64(theta)
+    if tie_rule == "half_even":
+        odd = (t_ref - np.arange(N)) % 2 != 0
+        cross &= ~((vk == np.float64(theta)) & odd)
+    first = np.argmax(cross, axis=-1)
+    return np.where(cross.any(axis=-1), first, N).astype(np.int64)
+
+
+def theorem1_potential(t_in: list[np.ndarray], eta: list[np.ndarray], c_offset: list[float],
+                       weights: list, N_in: list[int], reduce: bool = False) -> np.ndarray:
+    """Potential at t_emit: ``sum_j w_j * (c_j + sum of eta_j over the steps after t_j)`` (float64).
+
+    Each spike input ``j`` is an array of times; ``weights[j]`` broadcasts against it (a fixed
+    weight, 1/I, or, for a product, the other operand's decoded values). ``reduce`` sums the
+    last axis (the fan-in of a mean-square, log-sum-exp or dot-product neuron).
+    """
+    total = 0.0
+    for t, e, c, w, n in zip(t_in, eta, c_offset, weights, N_in):
+        F = receive_table(np.asarray(e, dtype=np.float64), float(c), int(n))
+        part = np.asarray(w, dtype=np.float64) * F[np.asarray(t, dtype=np.int64)]
+        total = total + (part.sum(axis=-1) if reduce else part)
+    return np.asarray(total, dtype=np.float64)
+
+
+def realised_function(t_in: list[np.ndarray], eta: list[np.ndarray], c_offset: list[float], weights: list,
+                      N_in: list[int], psi: np.ndarray, theta: float, N_out: int, t_ref_out: int,
+                      tie_rule: str = "half_even", reduce: bool = False) -> np.ndarray:
+    """Theorem 1: the output codes (``q = N_out - t``) that neurons with these kernels emit.
+
+    Any ``eta``, ``psi``, ``C`` (as ``c_offset``) and ``theta`` are accepted, so this is how a
+    compiled neuron's kernels are checked against the function it is meant to compute
+    (``ttfsc inspect --neurons``): feed every input time of the grid and compare codes.
+    """
+    v = theorem1_potential(t_in, eta, c_offset, weights, N_in, reduce)
+    return N_out - theorem1_times(v, psi, theta, N_out, t_ref_out, tie_rule)
+
+
+def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: float,
+                   N: int) -> tuple[np.ndarray, float]:
+    """Theorem 2's psi and theta for an output function h, with Delta = half a step.
+
+    Building both around ``b - step/2`` makes the neuron fire at the first k with
+    ``h(V) >= b - (k + 1/2) * step``: h(V) rounded to the nearest output level (for h =
+    identity these are exactly Corollary 1's ``psi = step``, ``theta = b - step/2``).
+    """
+    b_half = np.float64(b) - np.float64(step) / 2
+    return theorem2_psi(h_inv, b_half, step, N), theorem2_theta(h_inv, b_half)

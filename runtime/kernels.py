@@ -20,6 +20,10 @@ Each TTFS node is replaced, when a session opens, by the closed form of its neur
   ``RateReceive`` is ``DequantizeLinear(counts, threshold_in, zero_point_in)`` -> MatMul on the
   DequantizeLinear'd int8 weight (the QANN's own pattern, fused the same way); ``RateDecode`` is
   that DequantizeLinear alone.
+* Continuous-kernel baseline: ``ContinuousEmit`` is the first crossing of ``V + k*step >=
+  theta_slot`` in closed form, ``t = clip(N - Floor((V - a) / step), 0, N)`` (ttfs.ContinuousStage:
+  a floor, no half-step compensation, so no QuantizeLinear); ``ContinuousDecode`` gathers the
+  value table ``a + (N - t)*step``; its receivers are TTFSReceives on the table path.
 
 Why subgraphs and not a C++ library: the matmuls must run on onnxruntime's own integer kernels
 anyway, and expressed this way the whole stage fuses into them (NOTES.md section 5; the
@@ -31,8 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.runtime.ops import (DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE, EmitSpec, RateEmitSpec,
-                               RateReceiveSpec, ReceiveSpec, decode_spec, rate_decode_spec)
+from ttfsc.runtime.ops import (CONT_DECODE, CONT_EMIT, DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE,
+                               ContinuousEmitSpec, EmitSpec, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
+                               continuous_decode_spec, decode_spec, rate_decode_spec)
 from ttfsc.ttfs import (UniformStage, count_dtype, emit_table, is_step_kernel, is_uniform, receive_table,
                         time_dtype)
 
@@ -207,5 +212,38 @@ def lower_rate_decode(node: onnx.NodeProto) -> Lowering:
     return lw
 
 
+# ---------------------------------------------------------------- continuous-kernel baseline
+
+def lower_continuous_emit(node: onnx.NodeProto) -> Lowering:
+    """t = clip(N - floor((V - a) / step), 0, N): the constant-psi neuron's first crossing of theta.
+
+    Element-wise float32 ops only (no [.., N] table: N reaches 8191); ContinuousStage.times is
+    the same arithmetic in numpy and the simulator steps the neuron itself.
+    """
+    st = ContinuousEmitSpec.from_node(node).stage()
+    lw = Lowering(node.name or node.output[0])
+    d = lw.op("Sub", [node.input[0], lw.const(np.float32(st.a), "a", np.float32)])
+    u = lw.op("Floor", [lw.op("Div", [d, lw.const(st.step, "step", np.float32)])])
+    k = lw.op("Sub", [lw.const(np.float32(st.N), "N", np.float32), u])
+    k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(st.N), "N_hi", np.float32)])
+    lw.op("Cast", [k], node.output[0], to=_time_elem_type(st.T))
+    return lw
+
+
+def lower_continuous_decode(node: onnx.NodeProto) -> Lowering:
+    """x = a + (N - t) * step, gathered from the stage's value table (the receivers' own table)."""
+    st = continuous_decode_spec(node)
+    lw = Lowering(node.name or node.output[0])
+    idx = lw.op("Cast", [node.input[0]], to=TensorProto.INT64)
+    lw.op("Gather", [lw.const(st.values(), "values", np.float32), idx], node.output[0], axis=0)
+    return lw
+
+
 LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode,
-             RATE_EMIT: lower_rate_emit, RATE_RECEIVE: lower_rate_receive, RATE_DECODE: lower_rate_decode}
+             RATE_EMIT: lower_rate_emit, RATE_RECEIVE: lower_rate_receive, RATE_DECODE: lower_rate_decode,
+             CONT_EMIT: lower_continuous_emit, CONT_DECODE: lower_continuous_decode}
+
+from ttfsc.runtime.neuron import lower_neuron  # noqa: E402  (neuron.py imports this module lazily)
+from ttfsc.runtime.ops import NEURON  # noqa: E402
+
+LOWERINGS[NEURON] = lower_neuron

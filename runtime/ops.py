@@ -40,12 +40,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.ttfs import DOMAIN, RateStage, UniformStage
+from ttfsc.ttfs import DOMAIN, ContinuousStage, RateStage, UniformStage
 
 EMIT, RECEIVE, DECODE = "TTFSEmit", "TTFSReceive", "TTFSDecode"
 TTFS_OPS = (EMIT, RECEIVE, DECODE)
 RATE_EMIT, RATE_RECEIVE, RATE_DECODE = "RateEmit", "RateReceive", "RateDecode"
 RATE_OPS = (RATE_EMIT, RATE_RECEIVE, RATE_DECODE)
+NEURON = "TTFSNeuron"  # a receive+emit stage of nonlinear/product neurons (runtime/neuron.py)
+CONT_EMIT, CONT_DECODE = "ContinuousEmit", "ContinuousDecode"
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -194,12 +196,73 @@ def rate_decode_spec(node: onnx.NodeProto) -> tuple[int, float, int]:
     return int(a["steps"]), float(a["threshold"]), int(a["zero_point"])
 
 
-EMIT_SPECS = {EMIT: EmitSpec, RATE_EMIT: RateEmitSpec}
-EMIT_OF_DECODE = {DECODE: EMIT, RATE_DECODE: RATE_EMIT}
-CODING_OF_EMIT = {EMIT: "ttfs", RATE_EMIT: "rate"}
+@dataclass(frozen=True)
+class ContinuousEmitSpec:
+    """Everything a ContinuousEmit node carries; same interface as EmitSpec for the passes.
+
+    Only ``a``, ``b`` and ``T`` are free: kernels and threshold follow from them (ContinuousStage),
+    and are written to the node so the graph states the neuron it runs.
+    """
+
+    T: int
+    a: float
+    b: float
+    source_tensor: str = ""
+
+    @classmethod
+    def from_stage(cls, stage: ContinuousStage, source_tensor: str = "") -> "ContinuousEmitSpec":
+        return cls(stage.T, stage.a, stage.b, source_tensor)
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "ContinuousEmitSpec":
+        a = attrs(node)
+        return cls(int(a["window"]), float(a["a"]), float(a["b"]), _s(a.get("source_tensor", "")))
+
+    @property
+    def N(self) -> int:
+        return self.T - 1
+
+    @property
+    def qann_tensor(self) -> str:
+        """No QANN behind this stage: reported as empty, so `ttfsc verify` says it has no twin."""
+        return ""
+
+    def stage(self) -> ContinuousStage:
+        return ContinuousStage(self.a, self.b, self.T)
+
+    def make_node(self, v: str, t: str, name: str) -> onnx.NodeProto:
+        st = self.stage()
+        return helper.make_node(
+            CONT_EMIT, [v], [t], name=name, domain=DOMAIN, window=self.T, a=self.a, b=self.b, tau=st.tau,
+            psi=[float(x) for x in st.psi()], theta=float(st.theta), source_tensor=self.source_tensor)
+
+    def make_decode(self, t: str, x: str, name: str) -> onnx.NodeProto:
+        return helper.make_node(CONT_DECODE, [t], [x], name=name, domain=DOMAIN, window=self.T, a=self.a, b=self.b)
+
+    def receive_spec(self) -> ReceiveSpec:
+        """A TTFSReceive integrating eta = step from c_offset = f(a) = a (the table kernel).
+
+        ``t_ref_in`` is the nearest integer reference in 0..N; the receive lowering takes its
+        integer fast path only when that reference reproduces ``a`` exactly, else the table.
+        """
+        st = self.stage()
+        t_ref = int(np.clip(np.rint(self.N + np.float64(self.a) / np.float64(st.step)), 0, self.N))
+        return ReceiveSpec(self.T, t_ref, float(st.step), tuple(float(v) for v in st.eta()), float(self.a), 1.0)
 
 
-def emit_spec(node: onnx.NodeProto) -> EmitSpec | RateEmitSpec | None:
+def continuous_decode_spec(node: onnx.NodeProto) -> ContinuousStage:
+    a = attrs(node)
+    return ContinuousStage(float(a["a"]), float(a["b"]), int(a["window"]))
+
+
+EMIT_SPECS = {EMIT: EmitSpec, RATE_EMIT: RateEmitSpec, CONT_EMIT: ContinuousEmitSpec}
+EMIT_OF_DECODE = {DECODE: EMIT, RATE_DECODE: RATE_EMIT, CONT_DECODE: CONT_EMIT}
+CODING_OF_EMIT = {EMIT: "ttfs", RATE_EMIT: "rate", CONT_EMIT: "continuous"}
+EMIT_SPECS[NEURON] = EmitSpec  # a neuron stage emits like TTFSEmit (same emission attributes)
+CODING_OF_EMIT[NEURON] = "ttfs"
+
+
+def emit_spec(node: onnx.NodeProto) -> EmitSpec | RateEmitSpec | ContinuousEmitSpec | None:
     """The spec of an emission node of either coding, or None for any other node."""
     cls = EMIT_SPECS.get(node.op_type) if node.domain == DOMAIN else None
     return cls.from_node(node) if cls else None
