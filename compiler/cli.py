@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     _add_quant_options(p, abits_default=6)
+    p.add_argument("--full", action="store_true", help="also quantize every nonlinearity, product of activations "
+                   "and the residual stream: the twin of a fully spiking graph (compiler/quantize_full.py)")
+    p.add_argument("--window", action="append", metavar="KIND=LEVELS",
+                   help="--full: levels of one stage kind (repeatable), e.g. softmax=256, residual=256; kinds: "
+                        "residual rmsnorm_ms rsqrt product linear_out rotary silu lse sub exp, softmax, rmsnorm")
 
     p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
     p.add_argument("model")
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands that own their arguments: each module defines HELP, add_arguments(parser) and cli(args).
 # Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
 COMMAND_MODULES: dict[str, str] = {
+    "eval": "ttfsc.compiler.evaluate",
+    "report": "ttfsc.compiler.report",
 }
 
 
