@@ -37,7 +37,10 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
     """Rewrite ``model`` in place; return one report per pass."""
     if coding not in EMIT_PASSES:
         raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
-    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass(), DeadCode()]
+    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass()]
+    if coding == "ttfs":  # they fire only on a fully quantized twin's stage groups (quantize --full)
+        passes += neuron_passes()
+    passes.append(DeadCode())
     reports = []
     for p in passes:
         try:
@@ -47,6 +50,16 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return reports
+
+
+def neuron_passes() -> list:
+    """The passes that turn a --full twin's nonlinear/product/residual/rotary groups into neurons."""
+    from ttfsc.passes.elementwise_neurons import ElementwiseNeurons
+    from ttfsc.passes.linear_neurons import LinearNeurons
+    from ttfsc.passes.product_neurons import ProductNeurons
+    from ttfsc.passes.rmsnorm_neurons import RMSNormNeurons
+    from ttfsc.passes.softmax_neurons import SoftmaxNeurons
+    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), LinearNeurons()]
 
 
 def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:

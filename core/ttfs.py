@@ -412,3 +412,63 @@ class ContinuousStage:
     def quantize(self, v: np.ndarray) -> np.ndarray:
         """What the stage passes on: the floor quantizer onto the T levels of [a, b)."""
         return self.values()[self.times(v).astype(np.int64)]
+
+
+# ---------------------------------------------------------------- Theorem 1 (kernels -> function)
+
+def theorem1_times(v: np.ndarray, psi: np.ndarray, theta: float, N: int, t_ref: int,
+                   tie_rule: str = "half_even") -> np.ndarray:
+    """Emission of Theorem 1 in closed form: the first slot k with ``V + S[k] >= theta``, else N.
+
+    ``S`` is the cumulative output kernel (:func:`emit_table`); an exact hit fires under
+    ``half_even`` only when ``t_ref - k`` is even, as the simulator's emit phase does.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    vk = v[..., None] + emit_table(psi, N)
+    cross = vk >= np.float64(theta)
+    if tie_rule == "half_even":
+        odd = (t_ref - np.arange(N)) % 2 != 0
+        cross &= ~((vk == np.float64(theta)) & odd)
+    first = np.argmax(cross, axis=-1)
+    return np.where(cross.any(axis=-1), first, N).astype(np.int64)
+
+
+def theorem1_potential(t_in: list[np.ndarray], eta: list[np.ndarray], c_offset: list[float],
+                       weights: list, N_in: list[int], reduce: bool = False) -> np.ndarray:
+    """Potential at t_emit: ``sum_j w_j * (c_j + sum of eta_j over the steps after t_j)`` (float64).
+
+    Each spike input ``j`` is an array of times; ``weights[j]`` broadcasts against it (a fixed
+    weight, 1/I, or, for a product, the other operand's decoded values). ``reduce`` sums the
+    last axis (the fan-in of a mean-square, log-sum-exp or dot-product neuron).
+    """
+    total = 0.0
+    for t, e, c, w, n in zip(t_in, eta, c_offset, weights, N_in):
+        F = receive_table(np.asarray(e, dtype=np.float64), float(c), int(n))
+        part = np.asarray(w, dtype=np.float64) * F[np.asarray(t, dtype=np.int64)]
+        total = total + (part.sum(axis=-1) if reduce else part)
+    return np.asarray(total, dtype=np.float64)
+
+
+def realised_function(t_in: list[np.ndarray], eta: list[np.ndarray], c_offset: list[float], weights: list,
+                      N_in: list[int], psi: np.ndarray, theta: float, N_out: int, t_ref_out: int,
+                      tie_rule: str = "half_even", reduce: bool = False) -> np.ndarray:
+    """Theorem 1: the output codes (``q = N_out - t``) that neurons with these kernels emit.
+
+    Any ``eta``, ``psi``, ``C`` (as ``c_offset``) and ``theta`` are accepted, so this is how a
+    compiled neuron's kernels are checked against the function it is meant to compute
+    (``ttfsc inspect --neurons``): feed every input time of the grid and compare codes.
+    """
+    v = theorem1_potential(t_in, eta, c_offset, weights, N_in, reduce)
+    return N_out - theorem1_times(v, psi, theta, N_out, t_ref_out, tie_rule)
+
+
+def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: float,
+                   N: int) -> tuple[np.ndarray, float]:
+    """Theorem 2's psi and theta for an output function h, with Delta = half a step.
+
+    Building both around ``b - step/2`` makes the neuron fire at the first k with
+    ``h(V) >= b - (k + 1/2) * step``: h(V) rounded to the nearest output level (for h =
+    identity these are exactly Corollary 1's ``psi = step``, ``theta = b - step/2``).
+    """
+    b_half = np.float64(b) - np.float64(step) / 2
+    return theorem2_psi(h_inv, b_half, step, N), theorem2_theta(h_inv, b_half)

@@ -242,3 +242,8 @@ def lower_continuous_decode(node: onnx.NodeProto) -> Lowering:
 LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode,
              RATE_EMIT: lower_rate_emit, RATE_RECEIVE: lower_rate_receive, RATE_DECODE: lower_rate_decode,
              CONT_EMIT: lower_continuous_emit, CONT_DECODE: lower_continuous_decode}
+
+from ttfsc.runtime.neuron import lower_neuron  # noqa: E402  (neuron.py imports this module lazily)
+from ttfsc.runtime.ops import NEURON  # noqa: E402
+
+LOWERINGS[NEURON] = lower_neuron

@@ -46,6 +46,7 @@ EMIT, RECEIVE, DECODE = "TTFSEmit", "TTFSReceive", "TTFSDecode"
 TTFS_OPS = (EMIT, RECEIVE, DECODE)
 RATE_EMIT, RATE_RECEIVE, RATE_DECODE = "RateEmit", "RateReceive", "RateDecode"
 RATE_OPS = (RATE_EMIT, RATE_RECEIVE, RATE_DECODE)
+NEURON = "TTFSNeuron"  # a receive+emit stage of nonlinear/product neurons (runtime/neuron.py)
 CONT_EMIT, CONT_DECODE = "ContinuousEmit", "ContinuousDecode"
 
 
@@ -257,6 +258,8 @@ def continuous_decode_spec(node: onnx.NodeProto) -> ContinuousStage:
 EMIT_SPECS = {EMIT: EmitSpec, RATE_EMIT: RateEmitSpec, CONT_EMIT: ContinuousEmitSpec}
 EMIT_OF_DECODE = {DECODE: EMIT, RATE_DECODE: RATE_EMIT, CONT_DECODE: CONT_EMIT}
 CODING_OF_EMIT = {EMIT: "ttfs", RATE_EMIT: "rate", CONT_EMIT: "continuous"}
+EMIT_SPECS[NEURON] = EmitSpec  # a neuron stage emits like TTFSEmit (same emission attributes)
+CODING_OF_EMIT[NEURON] = "ttfs"
 
 
 def emit_spec(node: onnx.NodeProto) -> EmitSpec | RateEmitSpec | ContinuousEmitSpec | None:

@@ -1,0 +1,72 @@
+"""Pass: one-input elementwise stage groups (SiLU, GELU, exp, x^-1/2, square, ...) ==> TTFSNeuron.
+
+The neuron (Theorem 2): a one-to-one synapse from the input stage, input kernel
+``eta(u) = f(a_in + (u+1)*step_in) - f(a_in + u*step_in)`` built from the *target* f on the
+input grid (f evaluated in float64 from the QANN's own ops, e.g. x*sigmoid(x)), ``C`` from
+``f(a_in)``, and the output grid's Corollary-1 emission (psi = step_out, theta = b - step_out/2),
+so its potential at t_emit is f(x) and it fires at round(f(x)) on the output grid.
+
+Run time: the neuron's realised function is a map from input spike time to output spike time,
+at most 2^n entries. It is obtained by running the QANN's own DQ -> ops -> Q on every input
+time in onnxruntime, and the node is lowered to one Gather on that table: bit-exact to the
+QANN by construction, and no float arithmetic at all (0 additions, 0 multiplications per
+neuron; one table lookup, which is what a hardware TTFS neuron with this eta/psi does by
+integrating eta over the window: one addition of eta(u) per time step after the input spike).
+``ttfsc inspect --neurons`` checks (Theorem 1) that the kernels realise the same table except
+where the float64 target and the QANN's float32 kernels straddle a rounding boundary.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.passes.neuron_groups import ELEMENTWISE, Group, NeuronRule, eval_body_f64
+from ttfsc.ttfs import UniformStage, theorem2_eta
+
+#: recognisable targets, by the set of arithmetic ops in the group
+TARGETS = {frozenset({"Sigmoid", "Mul"}): "silu", frozenset({"Exp"}): "exp", frozenset({"Pow"}): "square",
+           frozenset({"Add", "Sqrt", "Div"}): "rsqrt", frozenset({"Add", "Sqrt", "Reciprocal"}): "rsqrt",
+           frozenset({"Erf", "Mul", "Add"}): "gelu", frozenset({"Erf", "Mul", "Add", "Div"}): "gelu",
+           frozenset({"Log"}): "log", frozenset({"Sigmoid"}): "sigmoid", frozenset({"Tanh"}): "tanh"}
+
+
+def target_name(grp: Group) -> str:
+    ops = frozenset(grp.compute_ops) - {"Identity", "Cast"}
+    return TARGETS.get(ops, "+".join(sorted(ops)) or "identity")
+
+
+class ElementwiseToNeuron(NeuronRule):
+    name = "ElementwiseToNeuron"
+    kind = "elementwise"
+
+    def accepts(self, grp: Group) -> bool:
+        return len(grp.spikes) == 1 and not grp.sides and all(op in ELEMENTWISE for op in grp.op_types)
+
+    def check(self, g: GraphIndex, m: Match) -> str | None:
+        grp: Group = m.nodes["group"]
+        if any(np.asarray(g.const(c)).size != 1 for c in grp.consts):
+            return "a per-channel constant: the neuron is not the same function on every channel"
+        return super().check(g, m)
+
+    def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
+        grp: Group = m.nodes["group"]
+        T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
+        consts = {c: g.const(c) for c in grp.consts}
+        x_name = grp.spikes[0][0]
+
+        def f(x: np.ndarray) -> np.ndarray:
+            return eval_body_f64(m.nodes["body"], {x_name: x, **consts})
+
+        a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
+        kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, step, T - 1)),),
+                  c_offset=(float(f(np.float64(a_in))),), weights=(1.0,), synapse="one_to_one", fan_in=1)
+
+    def wants_table(self, grp: Group) -> bool:
+        return True
+
+
+class ElementwiseNeurons(Pass):
+    name = "elementwise_neurons"
+
+    def __init__(self):
+        self.rules = (ElementwiseToNeuron(),)

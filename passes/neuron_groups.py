@@ -1,0 +1,344 @@
+"""Shared machinery of the neuron passes: find a stage group, describe it, build its TTFSNeuron.
+
+Not a pass itself. After ``qdq_to_emit`` a fully quantized twin's stage group reads
+
+    TTFSEmit(prev) -> TTFSDecode -> [shape plumbing] -> float ops -> TTFSEmit(this)
+
+(the QANN's DequantizeLinear -> ops -> QuantizeLinear). ``extract_group`` walks back from one
+emission's potential to the decodes (spike inputs), constants and *side inputs* (tensors that
+depend on no spike at all: rotary cos/sin gathered by position, the attention mask, the past
+KV cache of a non-spiking prefix). A walk that meets any other TTFS output (a reception's
+potential, i.e. a hybrid graph) gives no group, so hybrid compiles are untouched.
+
+Each neuron pass (one per file) classifies groups with its own ``accepts`` and supplies the
+Theorem-2 kernels; ``NeuronRule`` does the rest: the body graph (the QANN's own float ops, so the
+lowering is bit-exact), the realised table of one-input elementwise neurons (the body run in
+onnxruntime on every input time), and the node replacing the emission.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ttfsc.passes.base import GraphIndex, Match, Rule
+from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+from ttfsc.runtime.ops import DECODE, EMIT, EmitSpec, decode_spec
+from ttfsc.ttfs import DOMAIN, UniformStage, time_dtype
+
+#: data movement only: no arithmetic on values
+PLUMBING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Expand", "Cast", "Identity", "Slice",
+            "Shape", "Gather", "Constant", "Flatten", "Split", "ConstantOfShape", "Range"}
+#: elementwise arithmetic a one-input table neuron may contain
+ELEMENTWISE = {"Sigmoid", "Mul", "Add", "Sub", "Div", "Sqrt", "Exp", "Log", "Pow", "Erf", "Tanh", "Neg",
+               "Reciprocal", "Relu", "Identity", "Cast", "Max", "Min", "Clip", "Softplus", "Abs", "Constant"}
+MAX_GROUP_NODES = 64
+
+
+@dataclass
+class Group:
+    """One stage group: the float ops between spike inputs and one emission."""
+
+    emit: onnx.NodeProto
+    root: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    spikes: list[tuple[str, str, onnx.NodeProto]] = field(default_factory=list)  # (decoded, times, decode)
+    sides: list[str] = field(default_factory=list)
+    consts: list[str] = field(default_factory=list)
+
+    @property
+    def op_types(self) -> list[str]:
+        return [n.op_type for n in self.nodes]
+
+    @property
+    def compute_ops(self) -> list[str]:
+        return [n.op_type for n in self.nodes if n.op_type not in PLUMBING]
+
+    def spike_derived(self) -> set[str]:
+        """Tensors of the body that depend on a spike input."""
+        live = {d for d, _, _ in self.spikes}
+        for n in self.nodes:
+            if any(i in live for i in n.input):
+                live.update(o for o in n.output if o)
+        return live
+
+    def activation_products(self) -> list[onnx.NodeProto]:
+        """Mul/MatMul/Div nodes whose two operands both depend on spikes: products of activations."""
+        live = self.spike_derived()
+        return [n for n in self.nodes if n.op_type in ("Mul", "MatMul", "Div", "Gemm")
+                and len(n.input) >= 2 and n.input[0] in live and n.input[1] in live]
+
+
+def spike_dependent(g: GraphIndex) -> set[str]:
+    """Every tensor downstream of a TTFS node (spike times, decodes, potentials)."""
+    live: set[str] = set()
+    for n in g.nodes:
+        if n.domain == DOMAIN or any(i in live for i in n.input):
+            live.update(o for o in n.output if o)
+    return live
+
+
+def extract_group(g: GraphIndex, emit: onnx.NodeProto, dep: set[str]) -> Group | None:
+    """The group feeding ``emit``, or None when it is not one (hybrid graph, linear stage, input)."""
+    root = emit.input[0]
+    p = g.producer.get(root)
+    if p is None or p.domain == DOMAIN:
+        return None
+    grp, seen, stack = Group(emit, root), set(), [root]
+    while stack:
+        x = stack.pop()
+        if x in seen or not x:
+            continue
+        seen.add(x)
+        p = g.producer.get(x)
+        if g.is_const(x):
+            grp.consts.append(x)
+        elif p is not None and p.domain == DOMAIN and p.op_type == DECODE:
+            grp.spikes.append((x, p.input[0], p))
+        elif x not in dep and (p is None or p.op_type != "Constant"):
+            grp.sides.append(x)
+        elif p is None or p.domain == DOMAIN or len(grp.nodes) >= MAX_GROUP_NODES:
+            return None
+        else:
+            grp.nodes.append(p)
+            stack.extend(p.input)
+    if not grp.spikes:
+        return None
+    order = {id(n): i for i, n in enumerate(g.nodes)}
+    grp.nodes.sort(key=lambda n: order[id(n)])
+    grp.spikes.sort(key=lambda s: _first_use(grp, s[0]))
+    return grp
+
+
+def _first_use(grp: Group, name: str) -> tuple[int, int]:
+    for i, n in enumerate(grp.nodes):
+        if name in n.input:
+            return i, list(n.input).index(name)
+    return len(grp.nodes), 0
+
+
+# ------------------------------------------------------------------ types and shapes
+
+def tensor_info(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """Element type and shape of every tensor, inferred on the lowered graph (TTFS ops are opaque)."""
+    from ttfsc.runtime.session import lower_model
+    low = lower_model(model)
+    try:
+        low = onnx.shape_inference.infer_shapes(low, strict_mode=False)
+    except Exception:  # noqa: BLE001 - shapes only refine op counts; types fall back to float
+        pass
+    out = {}
+    for vi in list(low.graph.value_info) + list(low.graph.input) + list(low.graph.output):
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out[vi.name] = (tt.elem_type or TensorProto.FLOAT, dims if tt.HasField("shape") else None)
+    for t in low.graph.initializer:
+        out[t.name] = (t.data_type, list(t.dims))
+    return out
+
+
+def build_body(g: GraphIndex, grp: Group, info: dict) -> tuple[onnx.GraphProto, list[str]]:
+    """The group as a standalone graph, and the node inputs that feed its graph inputs in order."""
+    names = [d for d, _, _ in grp.spikes] + grp.sides + grp.consts
+    inputs = []
+    for k, name in enumerate(names):
+        if k < len(grp.spikes):
+            elem = TensorProto.FLOAT
+        elif name in g.inits.by_name:
+            elem = g.inits.by_name[name].data_type
+        else:
+            elem = info.get(name, (TensorProto.FLOAT, None))[0]
+        inputs.append(helper.make_tensor_value_info(name, elem, None))
+    body = helper.make_graph([_copy(n) for n in grp.nodes], f"{grp.emit.name}/body", inputs,
+                             [helper.make_tensor_value_info(grp.root, TensorProto.FLOAT, None)])
+    feeds = [t for _, t, _ in grp.spikes] + grp.sides + grp.consts
+    return body, feeds
+
+
+def _copy(n: onnx.NodeProto) -> onnx.NodeProto:
+    c = onnx.NodeProto()
+    c.CopyFrom(n)
+    return c
+
+
+def static_dim(info: dict, name: str, axis: int = -1) -> int:
+    """A static dimension of a tensor, or -1 when unknown / symbolic (e.g. the context length)."""
+    shape = info.get(name, (None, None))[1]
+    if not shape:
+        return -1
+    try:
+        d = shape[axis]
+    except IndexError:
+        return -1
+    return d if isinstance(d, int) and d > 0 else -1
+
+
+# ------------------------------------------------------------------ float64 target of an elementwise body
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+_UNARY = {"Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "Sqrt": np.sqrt, "Exp": np.exp, "Log": np.log,
+          "Erf": _erf, "Tanh": np.tanh, "Neg": np.negative, "Reciprocal": lambda x: 1.0 / x,
+          "Relu": lambda x: np.maximum(x, 0.0), "Identity": lambda x: x, "Cast": lambda x: x,
+          "Softplus": lambda x: np.logaddexp(0.0, x), "Abs": np.abs}
+_BINARY = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide, "Pow": np.power,
+           "Max": np.maximum, "Min": np.minimum}
+
+
+def eval_body_f64(body: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Evaluate an elementwise body in float64 numpy: the target f, free of float32 rounding."""
+    env = {k: np.asarray(v, dtype=np.float64) for k, v in feeds.items()}
+    with np.errstate(all="ignore"):
+        for n in body.node:
+            if n.op_type == "Constant":
+                env[n.output[0]] = np.asarray(onnx.numpy_helper.to_array(n.attribute[0].t), dtype=np.float64)
+            elif n.op_type in _UNARY:
+                env[n.output[0]] = _UNARY[n.op_type](env[n.input[0]])
+            elif n.op_type in _BINARY:
+                env[n.output[0]] = _BINARY[n.op_type](env[n.input[0]], env[n.input[1]])
+            elif n.op_type == "Clip":
+                lo = env[n.input[1]] if len(n.input) > 1 and n.input[1] else -np.inf
+                hi = env[n.input[2]] if len(n.input) > 2 and n.input[2] else np.inf
+                env[n.output[0]] = np.clip(env[n.input[0]], lo, hi)
+            else:
+                raise ValueError(f"no float64 evaluation for {n.op_type}")
+    return env[body.output[0].name]
+
+
+# ------------------------------------------------------------------ the rule
+
+def input_grid(times: int, t_ref: int, step: float) -> np.ndarray:
+    """Decoded value of every spike time 0..T-1, as onnxruntime's DequantizeLinear gives it."""
+    from ttfsc.ttfs import decode_times
+    return decode_times(np.arange(times), step, t_ref)
+
+
+def step_kernel(T: int, t_ref: int, step: float) -> tuple[np.ndarray, float]:
+    """eta and c_offset of an identity synapse on a uniform input stage (Theorem 2, f = identity)."""
+    st = UniformStage(step, T - 1 - t_ref, T)
+    return st.eta().astype(np.float64), float(st.a)
+
+
+class NeuronRule(Rule):
+    """Match emissions fed by a group of this rule's kind; replace each by a TTFSNeuron."""
+
+    name = "NeuronRule"
+    kind = "generic"
+
+    def __init__(self):
+        self._info: dict | None = None
+
+    def accepts(self, grp: Group) -> bool:
+        raise NotImplementedError
+
+    def kernels(self, g: GraphIndex, m: Match, spec_kw: dict) -> None:
+        """Fill the Theorem-2 fields of ``spec_kw`` (eta, c_offset, weights, synapse, target, ...)."""
+        raise NotImplementedError
+
+    def pattern(self, g: GraphIndex) -> list[Match]:
+        dep = spike_dependent(g)
+        out = []
+        for e in list(g.nodes):
+            if e.domain != DOMAIN or e.op_type != EMIT:
+                continue
+            grp = extract_group(g, e, dep)
+            if grp is not None and self.accepts(grp):
+                out.append(Match(e, {"group": grp}))
+        return out
+
+    def info(self, g: GraphIndex) -> dict:
+        if self._info is None:
+            g.commit()
+            self._info = tensor_info(g.model)
+        return self._info
+
+    def check(self, g: GraphIndex, m: Match) -> str | None:
+        grp: Group = m.nodes["group"]
+        for d, t, dec in grp.spikes:
+            src = g.producer.get(t)
+            if src is None or src.domain != DOMAIN or not (src.op_type == EMIT or is_neuron(src)):
+                return f"spike input {t} does not come from a TTFS emission"
+        return None
+
+    def rewrite(self, g: GraphIndex, m: Match) -> None:
+        grp: Group = m.nodes["group"]
+        info = self.info(g)
+        body, feeds = build_body(g, grp, info)
+        wins, refs, steps = [], [], []
+        for _, _, dec in grp.spikes:
+            T, t_ref, step = decode_spec(dec)
+            wins.append(T), refs.append(t_ref), steps.append(step)
+        kw = dict(emit=EmitSpec.from_node(grp.emit), kind=self.kind, windows_in=tuple(wins),
+                  t_refs_in=tuple(refs), steps_in=tuple(steps), body=body)
+        m.nodes.update(info=info, body=body)
+        self.kernels(g, m, kw)
+        spec = NeuronSpec(**kw)
+        if self.wants_table(grp):
+            spec.table = realise_table(spec, feeds, {n: g.const(n) for n in feeds[1:]},
+                                        list(g.model.opset_import))
+        name = (grp.emit.name or grp.emit.output[0]).removesuffix("/emit") + f"/{self.kind}_neuron"
+        g.replace_node(grp.emit, [spec.make_node(feeds, grp.emit.output[0], name)])
+
+    def wants_table(self, grp: Group) -> bool:
+        return False
+
+
+def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarray],
+                  opsets: list | None = None) -> tuple[int, ...]:
+    """Output spike time for every input spike time: the body run in onnxruntime on all of them.
+
+    Exactly the computation the QANN does for these codes (decode, its own float ops, its
+    quantizer), so a Gather on this table is the QANN bit for bit, at no float cost at run time.
+    ``consts`` holds the values of the body's constant inputs (feeds[1:]).
+    """
+    from onnx import numpy_helper
+    from ttfsc.runtime.session import open_session
+    T_in = spec.windows_in[0]
+    node = spec.make_node(feeds, "t_out", "neuron")
+    graph = helper.make_graph(
+        [node], "table", [helper.make_tensor_value_info(feeds[0], _time_type(T_in), [T_in])],
+        [helper.make_tensor_value_info("t_out", _time_type(spec.emit.T), [T_in])],
+        [numpy_helper.from_array(np.asarray(consts[n]), n) for n in feeds[1:]])
+    ops = [o for o in (opsets or [helper.make_opsetid("", 18)]) if o.domain != DOMAIN]
+    model = helper.make_model(graph, opset_imports=ops + [helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 9
+    t = np.arange(T_in, dtype=time_dtype(T_in))
+    return tuple(int(v) for v in open_session(model).run(None, {feeds[0]: t})[0])
+
+
+def _time_type(T: int) -> int:
+    return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
+
+
+def count_ops(grp: Group, info: dict, product: bool) -> tuple[float, float]:
+    """(additions, multiplications) one output neuron of the group costs, counted honestly.
+
+    Additions: one accumulation per incoming synapse (the fan-in: 1 for one-to-one, I for a mean
+    or a log-sum-exp over I inputs, K for a K-long dot product). Multiplications: every product
+    with a run-time activation, which no fixed synapse can absorb: K per activation MatMul, one
+    per Mul/Div in a product neuron (x*r, then *gamma on a run-time value, counts 2). Nonlinear
+    functions cost nothing extra: they are the shape of eta (input) or psi (output) kernels,
+    integrated over the window exactly like a step kernel. A fixed or per-position weight
+    (residual +-1, 1/I, rotary cos/sin) is an ordinary synaptic weight, not a multiply.
+    """
+    adds, muls = 0.0, 0.0
+    live = grp.spike_derived()
+    for n in grp.nodes:
+        if n.op_type == "MatMul":
+            k = static_dim(info, n.input[0], -1)
+            k = k if k > 0 else 1
+            adds += k
+            muls += k if (n.input[0] in live and n.input[1] in live) else 0
+        elif n.op_type.startswith("Reduce"):
+            k = static_dim(info, n.input[0], -1)
+            adds += k if k > 0 else 1
+        elif n.op_type in ("Add", "Sub", "Sum"):
+            adds += 1
+        elif n.op_type in ("Mul", "Div") and product:
+            muls += 1
+    return max(adds, float(len(grp.spikes))), muls

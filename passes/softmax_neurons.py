@@ -1,0 +1,57 @@
+"""Pass: softmax's log-sum-exp group ==> TTFSNeuron (the rest of softmax is two more neurons).
+
+Softmax in a fully quantized twin is three stages: LSE = log(sum_j exp(s_j)) (this pass),
+d_i = s_i - LSE (a two-input linear neuron, passes/linear_neurons.py, weights +1/-1, the mask a
+side input) and p_i = exp(d_i) (a one-input table neuron, passes/elementwise_neurons.py).
+
+The LSE neuron (the paper's Corollary 4): K synapses (the keys) whose input kernel comes from
+f = exp on the input grid (Theorem 2), weight 1, so the potential at t_emit is sum_j exp(s_j);
+its output kernel comes from h = log: ``psi(v) = exp(b' - v*step) - exp(b' - (v+1)*step)``,
+``theta = exp(b')`` with ``b' = b - step/2`` (ttfs.output_kernels), so it fires at the first k
+with log(V) >= b - (k + 1/2)*step: log of the sum, rounded to the output grid. A masked key
+(the QANN adds -inf or a large negative bias before the reduction) contributes exp(-inf) = 0:
+in the body the mask is a side input added exactly as the QANN adds it.
+
+Operations per output neuron: K accumulations (one per key), no multiplication by a run-time
+value. Run time: the QANN's own float ops as the body, then the quantizer: bit-exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.passes.neuron_groups import Group, NeuronRule, count_ops, static_dim
+from ttfsc.runtime.ops import EmitSpec
+from ttfsc.ttfs import UniformStage, output_kernels, theorem2_eta
+
+
+class LogSumExpToNeuron(NeuronRule):
+    name = "LogSumExpToNeuron"
+    kind = "lse"
+
+    def accepts(self, grp: Group) -> bool:
+        ops = set(grp.compute_ops)
+        lse = "ReduceLogSumExp" in ops or {"Exp", "ReduceSum", "Log"} <= ops
+        return len(grp.spikes) == 1 and lse and not grp.activation_products()
+
+    def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
+        grp: Group = m.nodes["group"]
+        T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
+        a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
+        e: EmitSpec = kw["emit"]
+        out = UniformStage(e.step, e.N - e.t_ref, e.T)
+        psi, theta = output_kernels(np.exp, float(out.b), float(out.step), out.N)
+        kw["emit"] = EmitSpec(e.T, e.t_ref, e.step, tuple(float(v) for v in psi), float(theta), e.tie_rule,
+                              e.qann_tensor, e.qann_code_min)
+        fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
+        adds, _ = count_ops(grp, m.nodes["info"], product=False)
+        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(np.exp, a_in, step, T - 1)),),
+                  c_offset=(float(np.exp(a_in)),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log",
+                  adds=adds, muls=0.0)
+
+
+class SoftmaxNeurons(Pass):
+    name = "softmax_neurons"
+
+    def __init__(self):
+        self.rules = (LogSumExpToNeuron(),)

@@ -1,0 +1,142 @@
+"""``TTFSNeuron``: one stage of nonlinear / product / multi-input TTFS neurons (domain ai.ttfsc).
+
+``TTFSNeuron(t_1..t_k, side_1..side_m, const_1..const_c) -> t``
+    Receives the spike times of ``k`` earlier stages and emits spike times on its own window.
+    It replaces one *stage group* of a fully quantized twin: the float ops between a set of
+    per-tensor DequantizeLinears and one QuantizeLinear (SiLU, mean square, x^-1/2, log-sum-exp,
+    a product of two activations, a residual add, rotary, ...).
+
+Attributes (two families):
+
+* What the neuron *is* (Theorem 2): ``kind``, ``target`` (the function's name), per spike input
+  ``windows_in``/``t_refs_in``/``steps_in``, the input kernels ``eta`` (concatenated, N_in_j
+  floats each), ``c_offset`` (f_j(a_in_j) per input; with Theorem 2's bias C this cancels the
+  kernels' offset), ``weights`` (fixed synaptic weight per input; ``synapse`` says how they are
+  used: ``one_to_one``, ``mean`` (1/I over the fan-in), ``fixed``, ``operand`` (the weight is the
+  other operand's decoded value: a product) or ``per_position`` (rotary: a side input supplies
+  one constant weight per position)), ``fan_in``, the output function ``h`` (``identity`` or
+  ``log``) and the emission ``window``/``t_ref``/``step``/``psi``/``theta``/``tie_rule`` plus
+  ``qann_tensor``/``qann_code_min`` (read by EmitSpec.from_node, so stages, latency and the
+  verifier treat a neuron like any other emission). ``adds``/``muls`` count the operations one
+  output neuron costs (see the pass that built it).
+* How it *runs* bit-exactly: ``body`` is the QANN's own float subgraph (inputs: the decoded
+  spike inputs, then the side inputs and constants; output: the potential the QANN quantized),
+  and for a one-input elementwise neuron ``table`` is its realised function, output spike time
+  per input spike time (obtained by running ``body`` on every input time).
+
+Lowering: with a ``table``, one Gather on the spike times (no float arithmetic at all);
+otherwise decode the spike inputs (DequantizeLinear on times, as TTFSDecode), run ``body`` and
+emit through the Corollary-1 quantizer of the output grid. ``core.ttfs.realised_function``
+(Theorem 1) computes what ``eta``/``psi``/``theta``/``c_offset`` realise, and ``ttfsc inspect
+--neurons`` checks it against the table / target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ttfsc.runtime.ops import NEURON, EmitSpec, attrs, _s
+from ttfsc.ttfs import DOMAIN, time_dtype
+
+SYNAPSES = ("one_to_one", "mean", "fixed", "operand", "per_position")
+
+
+@dataclass
+class NeuronSpec:
+    """Everything a TTFSNeuron node carries (see the module docstring)."""
+
+    emit: EmitSpec
+    kind: str
+    target: str
+    windows_in: tuple[int, ...]
+    t_refs_in: tuple[int, ...]
+    steps_in: tuple[float, ...]
+    eta: tuple[tuple[float, ...], ...]
+    c_offset: tuple[float, ...]
+    weights: tuple[float, ...]
+    synapse: str
+    body: onnx.GraphProto
+    fan_in: int = 1
+    h: str = "identity"
+    adds: float = 0.0
+    muls: float = 0.0
+    table: tuple[int, ...] = field(default=())
+
+    @property
+    def n_spike(self) -> int:
+        return len(self.windows_in)
+
+    def make_node(self, inputs: list[str], t: str, name: str) -> onnx.NodeProto:
+        e = self.emit
+        kw = dict(window=e.T, t_ref=e.t_ref, step=e.step, tau=float(1.0 / np.float64(e.step)), psi=list(e.psi),
+                  theta=e.theta, tie_rule=e.tie_rule, qann_tensor=e.qann_tensor, qann_code_min=e.qann_code_min,
+                  kind=self.kind, target=self.target, n_spike=self.n_spike, windows_in=list(self.windows_in),
+                  t_refs_in=list(self.t_refs_in), steps_in=list(self.steps_in),
+                  eta=[float(v) for k in self.eta for v in k], c_offset=list(self.c_offset),
+                  synapse=self.synapse, fan_in=int(self.fan_in), h=self.h,
+                  adds=float(self.adds), muls=float(self.muls), body=self.body)
+        if self.weights:  # absent for product / per-position synapses (the weight is a run-time value)
+            kw["weights"] = [float(v) for v in self.weights]
+        if self.table:
+            kw["table"] = [int(v) for v in self.table]
+        return helper.make_node(NEURON, inputs, [t], name=name, domain=DOMAIN, **kw)
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "NeuronSpec":
+        a = attrs(node)
+        wins = tuple(int(v) for v in a["windows_in"])
+        flat, eta, i = list(a["eta"]), [], 0
+        for T in wins:
+            eta.append(tuple(flat[i:i + T - 1]))
+            i += T - 1
+        return cls(EmitSpec.from_node(node), _s(a["kind"]), _s(a["target"]), wins,
+                   tuple(int(v) for v in a["t_refs_in"]), tuple(float(v) for v in a["steps_in"]), tuple(eta),
+                   tuple(float(v) for v in a["c_offset"]), tuple(float(v) for v in a.get("weights", [])),
+                   _s(a["synapse"]), a["body"], int(a.get("fan_in", 1)), _s(a.get("h", "identity")),
+                   float(a.get("adds", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])))
+
+
+def is_neuron(node: onnx.NodeProto) -> bool:
+    return node.domain == DOMAIN and node.op_type == NEURON
+
+
+def lower_neuron(node: onnx.NodeProto):
+    """Gather on the realised table, or decode -> the QANN's float body -> Corollary-1 emission."""
+    from ttfsc.runtime.kernels import Lowering, _emit_uniform, decode_times
+
+    spec = NeuronSpec.from_node(node)
+    lw = Lowering(node.name or node.output[0])
+    if spec.table:
+        table = lw.const(np.asarray(spec.table, dtype=time_dtype(spec.emit.T)), "table")
+        idx = lw.op("Cast", [node.input[0]], to=TensorProto.INT64)
+        lw.op("Gather", [table, idx], node.output[0], axis=0)
+        return lw
+    v = inline_body(lw, node, spec, decode_times)
+    _emit_uniform(lw, v, node.output[0], spec.emit)
+    return lw
+
+
+def inline_body(lw, node: onnx.NodeProto, spec: NeuronSpec, decode_times) -> str:
+    """Copy ``body`` into the lowering: spike inputs decoded, every inner tensor renamed; returns V."""
+    rename: dict[str, str] = {}
+    for j, inp in enumerate(spec.body.input):
+        src = node.input[j]
+        if j < spec.n_spike:
+            src = decode_times(lw, src, spec.windows_in[j], spec.t_refs_in[j], spec.steps_in[j])
+        rename[inp.name] = src
+    prefix = lw.prefix
+    for n in spec.body.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = f"{prefix}/body/{n.name or n.output[0]}"
+        for k, x in enumerate(c.input):
+            if x:
+                c.input[k] = rename.setdefault(x, f"{prefix}/body/{x}")
+        for k, x in enumerate(c.output):
+            if x:
+                c.output[k] = rename.setdefault(x, f"{prefix}/body/{x}")
+        lw.nodes.append(c)
+    return rename[spec.body.output[0].name]

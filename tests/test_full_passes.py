@@ -1,0 +1,298 @@
+"""Neuron passes on tiny hand-built fully quantized (QDQ) stage groups, checked against onnxruntime.
+
+Each graph follows quantize --full's contract: per-tensor uint8 DequantizeLinear inputs (n-bit
+codes under a Clip), a group of float ops, one QuantizeLinear. The compiled model must equal the
+QANN bit for bit (every code), the group must become one TTFSNeuron of the right kind, and its
+kernels must realise (Theorem 1) the function the QANN computes.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+
+from ttfsc.compiler.pipeline import run_passes, stages
+from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+from ttfsc.runtime.ops import DECODE, EMIT
+from ttfsc.runtime.session import open_session
+from ttfsc.ttfs import DOMAIN, clip_bounds
+
+B, S, D = 2, 5, 16
+
+
+class Builder:
+    """Collects nodes/initializers of a QDQ graph with n-bit per-tensor activation stages."""
+
+    def __init__(self, bits: int = 6, seed: int = 0):
+        self.N = (1 << bits) - 1
+        self.nodes, self.inits, self.inputs, self.feeds = [], [], [], {}
+        self.rng = np.random.default_rng(seed)
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(nh.from_array(np.asarray(value), name))
+        return name
+
+    def input(self, name: str, value: np.ndarray) -> str:
+        elem = TP.FLOAT if value.dtype == np.float32 else TP.INT64
+        self.inputs.append(h.make_tensor_value_info(name, elem, list(value.shape)))
+        self.feeds[name] = value
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str, **kw) -> str:
+        self.nodes.append(h.make_node(op_type, inputs, [out], name=out, **kw))
+        return out
+
+    def qdq(self, x: str, name: str, lo: float, hi: float) -> str:
+        """A stage covering [lo, hi]: Clip -> QuantizeLinear -> DequantizeLinear (uint8 carrying n bits)."""
+        scale = np.float32((hi - lo) / self.N)
+        z = int(np.clip(np.round(-lo / scale), 0, self.N))
+        a, b = clip_bounds(scale, z, self.N)
+        s, zp = self.const(f"{name}_s", np.array(scale, np.float32)), self.const(f"{name}_z", np.array(z, np.uint8))
+        c = self.op("Clip", [x, self.const(f"{name}_lo", a), self.const(f"{name}_hi", b)], f"{name}_clip")
+        q = self.op("QuantizeLinear", [c, s, zp], f"{name}_q")
+        return self.op("DequantizeLinear", [q, s, zp], f"{name}_dq")
+
+    def model(self, outputs: list[str]) -> onnx.ModelProto:
+        g = h.make_graph(self.nodes, "full", self.inputs, [h.make_empty_tensor_value_info(o) for o in outputs],
+                         self.inits)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+        m.ir_version = 9
+        return m
+
+
+def _run(model: onnx.ModelProto, feeds: dict, outputs: list[str]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outputs, feeds)
+
+
+def _out_stage(b: Builder, v: str, name: str = "out") -> str:
+    """Quantize the group's result on a grid calibrated to its float range on the test inputs."""
+    probe = b.model([v])
+    val = _run(probe, b.feeds, [v])[0]
+    fin = val[np.isfinite(val)]
+    lo, hi = float(min(fin.min(), 0.0)), float(max(fin.max(), 0.0))
+    return b.qdq(v, name, lo, hi + 1e-6)
+
+
+def _act(b: Builder, name: str, shape, lo: float, hi: float) -> str:
+    """An input activation stage fed by a graph input covering a bit more than [lo, hi] (clipping too)."""
+    x = b.input(name, (b.rng.uniform(lo * 1.2, hi * 1.2, shape)).astype(np.float32))
+    return b.qdq(x, f"{name}_in", lo, hi)
+
+
+# ------------------------------------------------------------------ graph builders per group kind
+
+def silu(b: Builder) -> str:
+    x = _act(b, "x", (B, S, D), -6, 4)
+    return b.op("Mul", [x, b.op("Sigmoid", [x], "sig")], "silu")
+
+
+def exp(b: Builder) -> str:
+    return b.op("Exp", [_act(b, "x", (B, S, D), -8, 0)], "exp")
+
+
+def rsqrt(b: Builder) -> str:
+    x = _act(b, "x", (B, S, 1), 0, 3)
+    s = b.op("Sqrt", [b.op("Add", [x, b.const("eps", np.array(1e-5, np.float32))], "add_eps")], "sqrt")
+    return b.op("Div", [b.const("one", np.array(1.0, np.float32)), s], "rsqrt")
+
+
+def gelu(b: Builder) -> str:
+    x = _act(b, "x", (B, S, D), -4, 4)
+    e = b.op("Erf", [b.op("Div", [x, b.const("sqrt2", np.array(np.sqrt(2), np.float32))], "xs")], "erf")
+    one_p = b.op("Add", [e, b.const("one", np.array(1.0, np.float32))], "onep")
+    return b.op("Mul", [b.op("Mul", [x, one_p], "xm"), b.const("half", np.array(0.5, np.float32))], "gelu")
+
+
+def mean_square(b: Builder) -> str:
+    x = _act(b, "x", (B, S, D), -3, 3)
+    sq = b.op("Pow", [x, b.const("two", np.array(2.0, np.float32))], "sq")
+    return b.op("ReduceMean", [sq, b.const("axes", np.array([-1], np.int64))], "ms", keepdims=1)
+
+
+H, K = 2, 6  # heads, keys
+
+
+def _mask(b: Builder) -> str:
+    """Causal additive mask [1, 1, S, K] (0 or -inf): a side input, no spikes."""
+    m = np.where(np.arange(K)[None, :] <= np.arange(S)[:, None] + 1, 0.0, -np.inf).astype(np.float32)
+    return b.input("mask", m[None, None])
+
+
+def lse(b: Builder) -> str:
+    s = _act(b, "s", (B, H, S, K), -6, 6)
+    sm = b.op("Add", [s, _mask(b)], "masked")
+    return b.op("ReduceLogSumExp", [sm, b.const("axes", np.array([-1], np.int64))], "lse", keepdims=1)
+
+
+def lse_decomposed(b: Builder) -> str:
+    s = _act(b, "s", (B, H, S, K), -6, 6)
+    e = b.op("Exp", [b.op("Add", [s, _mask(b)], "masked")], "e")
+    r = b.op("ReduceSum", [e, b.const("axes", np.array([-1], np.int64))], "sum", keepdims=1)
+    return b.op("Log", [r], "lse")
+
+
+def diff(b: Builder) -> str:
+    s = _act(b, "s", (B, H, S, K), -6, 6)
+    l_ = _act(b, "l", (B, H, S, 1), 0, 8)
+    return b.op("Add", [b.op("Sub", [s, l_], "d"), _mask(b)], "dm")
+
+
+def mul(b: Builder) -> str:
+    return b.op("Mul", [_act(b, "g", (B, S, D), -2, 3), _act(b, "u", (B, S, D), -3, 3)], "gu")
+
+
+def rms_product(b: Builder) -> str:
+    x, r = _act(b, "x", (B, S, D), -3, 3), _act(b, "r", (B, S, 1), 0.2, 2)
+    gamma = b.const("gamma", b.rng.uniform(0.5, 1.5, D).astype(np.float32))
+    return b.op("Mul", [b.op("Mul", [x, r], "xr"), gamma], "xrg")
+
+
+def qk(b: Builder) -> str:
+    """Q.K^T / sqrt(d) with head reshapes and a transpose between the DQs and the MatMul."""
+    q, k = _act(b, "q", (B, S, D), -3, 3), _act(b, "k", (B, K, D), -3, 3)
+    shape = b.const("heads", np.array([B, -1, H, D // H], np.int64))
+    qh = b.op("Transpose", [b.op("Reshape", [q, shape], "qr")], "qh", perm=[0, 2, 1, 3])
+    kh = b.op("Transpose", [b.op("Reshape", [k, shape], "kr")], "kh", perm=[0, 2, 3, 1])
+    s = b.op("MatMul", [qh, kh], "qk")
+    return b.op("Mul", [s, b.const("inv_sqrt_d", np.array(1 / np.sqrt(D // H), np.float32))], "scores")
+
+
+def pv(b: Builder) -> str:
+    p, v = _act(b, "p", (B, H, S, K), 0, 1), _act(b, "v", (B, H, K, D // H), -3, 3)
+    return b.op("MatMul", [p, v], "pv")
+
+
+def residual(b: Builder) -> str:
+    return b.op("Add", [_act(b, "h", (B, S, D), -4, 4), _act(b, "o", (B, S, D), -2, 2)], "res")
+
+
+def rotary(b: Builder) -> str:
+    """x*cos + rotate_half(x)*sin with cos/sin gathered by position ids (side inputs)."""
+    x = _act(b, "x", (B, S, D), -3, 3)
+    pos = b.input("pos", np.tile(np.arange(S, dtype=np.int64), (B, 1)))
+    ang = np.arange(16)[:, None] * (1.0 / 10000 ** (np.arange(0, D, 2) / D))[None, :]
+    ang = np.concatenate([ang, ang], axis=-1).astype(np.float32)
+    cos = b.op("Gather", [b.const("cos_cache", np.cos(ang)), pos], "cos", axis=0)
+    sin = b.op("Gather", [b.const("sin_cache", np.sin(ang)), pos], "sin", axis=0)
+    x1 = b.op("Slice", [x, b.const("s0", np.array([0], np.int64)), b.const("s1", np.array([D // 2], np.int64)),
+                        b.const("ax", np.array([-1], np.int64))], "x1")
+    x2 = b.op("Slice", [x, b.const("s2", np.array([D // 2], np.int64)), b.const("s3", np.array([D], np.int64)),
+                        b.const("ax2", np.array([-1], np.int64))], "x2")
+    rot = b.op("Concat", [b.op("Neg", [x2], "nx2"), x1], "rot", axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos], "xc"), b.op("Mul", [rot, sin], "rs")], "rope")
+
+
+GROUPS = {"silu": silu, "exp": exp, "rsqrt": rsqrt, "gelu": gelu, "mean_square": mean_square, "lse": lse,
+          "lse_decomposed": lse_decomposed, "diff": diff, "mul": mul, "rms_product": rms_product, "qk": qk,
+          "pv": pv, "residual": residual, "rotary": rotary}
+#: kind and target each builder's group must compile to
+EXPECTED = {"mean_square": ("mean_square", "mean_square"), "lse": ("lse", "log_sum_exp"),
+            "lse_decomposed": ("lse", "log_sum_exp"), "diff": ("linear", "sub"), "mul": ("product", "mul"),
+            "rms_product": ("product", "mul"), "qk": ("product", "matmul"), "pv": ("product", "matmul"),
+            "residual": ("linear", "add"), "rotary": ("linear", "rotary")}
+
+
+def build(kind: str, bits: int = 6, seed: int = 0) -> tuple[onnx.ModelProto, dict, str]:
+    b = Builder(bits, seed)
+    out = _out_stage(b, GROUPS[kind](b))
+    return b.model([out]), b.feeds, out
+
+
+def compile_full(model: onnx.ModelProto, T: int) -> tuple[onnx.ModelProto, list[dict]]:
+    snn = copy.deepcopy(model)
+    reports = run_passes(snn, T)
+    return snn, reports
+
+
+def neurons(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if is_neuron(n)]
+
+
+def assert_bit_exact(qann: onnx.ModelProto, snn: onnx.ModelProto, feeds: dict, out: str) -> None:
+    ref = _run(qann, feeds, [out])[0]
+    got = open_session(snn).run([out], feeds)[0]
+    assert ref.shape == got.shape
+    np.testing.assert_array_equal(got, ref)
+
+
+# ------------------------------------------------------------------ elementwise neurons
+
+@pytest.mark.parametrize("kind", ["silu", "exp", "rsqrt", "gelu"])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_elementwise_neuron_bit_exact(kind, bits):
+    qann, feeds, out = build(kind, bits)
+    snn, reports = compile_full(qann, 1 << bits)
+    ns = neurons(snn)
+    assert len(ns) == 1, [n.op_type for n in snn.graph.node]
+    spec = NeuronSpec.from_node(ns[0])
+    assert spec.kind == "elementwise" and spec.target == kind and len(spec.table) == 1 << bits
+    # the group's float ops are gone: only the neuron (a Gather at run time), emissions and decodes
+    assert {n.op_type for n in snn.graph.node} <= {EMIT, DECODE, "TTFSNeuron"}
+    assert_bit_exact(qann, snn, feeds, out)
+    # the neuron is a stage like any emission (verify probes it; latency counts its window)
+    assert [s["qann_tensor"] for s in stages(snn)] == ["x_in_q", "out_q"]
+
+
+# ------------------------------------------------------------------ multi-input neurons
+
+@pytest.mark.parametrize("group", sorted(EXPECTED))
+@pytest.mark.parametrize("bits", [4, 6])
+def test_group_neuron_bit_exact(group, bits):
+    qann, feeds, out = build(group, bits, seed=bits)
+    snn, reports = compile_full(qann, 1 << bits)
+    ns = neurons(snn)
+    assert len(ns) == 1, [n.op_type for n in snn.graph.node]
+    spec = NeuronSpec.from_node(ns[0])
+    assert (spec.kind, spec.target) == EXPECTED[group]
+    assert not spec.table  # multi-input neurons run their QANN body
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in snn.graph.node)
+    assert_bit_exact(qann, snn, feeds, out)
+
+
+# ------------------------------------------------------------------ negative cases
+
+def test_hybrid_graph_gets_no_neurons():
+    """A hybrid QDQ graph (only linear inputs quantized): the neuron passes change nothing."""
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from graphs import quantized_linear_model
+    m, info = quantized_linear_model(extra_consumer=True)
+    snn, reports = compile_full(m, 64)
+    assert not neurons(snn)
+    for r in reports:
+        if r["pass"].endswith("_neurons"):
+            assert r["rewritten"] == {} and r["skipped"] == []
+
+
+def test_per_channel_elementwise_is_left_with_reason():
+    """x*sigmoid(x)*gamma[D] is not one function of the code: skipped, reported, still bit-exact."""
+    b = Builder(6)
+    x = _act(b, "x", (B, S, D), -6, 4)
+    v = b.op("Mul", [b.op("Mul", [x, b.op("Sigmoid", [x], "sig")], "silu"),
+                     b.const("gamma", b.rng.uniform(0.5, 1.5, D).astype(np.float32))], "silu_g")
+    out = _out_stage(b, v)
+    qann = b.model([out])
+    snn, reports = compile_full(qann, 64)
+    assert not neurons(snn)
+    skipped = [s for r in reports for s in r["skipped"] if s["rule"] == "ElementwiseToNeuron"]
+    assert len(skipped) == 1 and "per-channel" in skipped[0]["reason"]
+    assert_bit_exact(qann, snn, b.feeds, out)
+
+
+def test_group_fed_by_a_reception_is_not_a_neuron():
+    """Linear -> bias Add -> Q: the group's input is a potential, not spikes, so it stays a reception."""
+    b = Builder(6)
+    x = _act(b, "x", (B, S, D), -3, 3)
+    w = b.const("W", b.rng.integers(-127, 128, (D, D)).astype(np.int8))
+    wd = b.op("DequantizeLinear", [w, b.const("ws", np.full(D, 0.01, np.float32)),
+                                   b.const("wz", np.zeros(D, np.int8))], "Wd", axis=1)
+    y = b.op("Add", [b.op("MatMul", [x, wd], "mm"), b.const("bias", np.ones(D, np.float32))], "yb")
+    out = _out_stage(b, y)
+    qann = b.model([out])
+    snn, _ = compile_full(qann, 64)
+    assert not neurons(snn) and any(n.op_type == "TTFSReceive" for n in snn.graph.node)
+    assert_bit_exact(qann, snn, b.feeds, out)
