@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: dict[str, str] = {
     "eval": "ttfsc.compiler.evaluate",
     "report": "ttfsc.compiler.report",
+    "sweep": "ttfsc.compiler.sweep",
 }
 
 

@@ -1,0 +1,294 @@
+"""``ttfsc sweep``: perplexity against latency, QANN vs QC-A2S SNN vs the continuous-kernel baseline.
+
+The paper's Table 3 (accuracy of QC-A2S against the window T) plus its claim in one run: for
+each T in ``-T`` and each weight width in ``--wbits`` it quantizes the float model with
+A = log2(T) activation bits (ttfsc.compiler.quantize, default method), compiles the QANN into
+the spiking model (QC-A2S, ``ttfsc compile``) and measures the perplexity of *both*; they must
+agree, since the SNN is bit-exact to its QANN. For each T it also compiles the TTFSFormer-style
+baseline (``ttfsc compile --neuron continuous``: float weights, min/max ranges, floor neurons) and
+measures it on the same windows. Latency is time steps per token (the longest chain of stage
+windows, compiler.pipeline.latency_per_token).
+
+Outputs in ``--out``: ``sweep.md`` (the table and the command), ``sweep.png`` (PPL against T)
+and ``sweep.json`` (every number). Intermediate models go to ``--work`` and are reused when
+present (each is written atomically, so a present file is a complete one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ttfsc.compiler.errors import TtfscError
+
+HELP = "PPL vs time window T: QANN, QC-A2S SNN and the continuous-kernel baseline, W4/W8 (table + plot)"
+DEFAULT_T = (16, 64, 256, 1024)
+DEFAULT_WBITS = (4, 8)
+
+
+@dataclass
+class Row:
+    """One measured model: its kind (fp, qann, snn, continuous), widths, PPL and latency."""
+
+    kind: str
+    T: int | None
+    wbits: int | None
+    ppl: float
+    tokens: int
+    latency: int | None = None
+    path: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Sweep:
+    model: str
+    text: str
+    seqlen: int | None
+    windows: int | None
+    first: bool
+    rows: list[Row] = field(default_factory=list)
+    command: str = ""
+
+    def get(self, kind: str, T: int | None = None, wbits: int | None = None) -> Row | None:
+        return next((r for r in self.rows if (r.kind, r.T, r.wbits) == (kind, T, wbits)), None)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 16,64,256") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float ONNX model (as exported by `ttfsc export`)")
+    p.add_argument("--ppl", required=True, metavar="TEXT", help="text file to measure perplexity on")
+    p.add_argument("-T", dest="T", type=_int_list, default=list(DEFAULT_T),
+                   help="time windows, comma separated (default 16,64,256,1024); QANN/SNN use A = log2(T) bits")
+    p.add_argument("--wbits", type=_int_list, default=list(DEFAULT_WBITS), help="weight widths (default 4,8)")
+    p.add_argument("--continuous-T", type=_int_list, default=[], metavar="T,...",
+                   help="extra windows measured for the continuous-kernel baseline only (e.g. 8192)")
+    p.add_argument("--no-continuous", action="store_true", help="skip the continuous-kernel baseline")
+    p.add_argument("--windows", type=int, default=None, help="number of windows (seeded random subset; default all)")
+    p.add_argument("--first", action="store_true", help="take the first --windows windows instead")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default min(2048, context))")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences (quantize and continuous)")
+    p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")
+    p.add_argument("--out", default=".", help="folder for sweep.md, sweep.png and sweep.json")
+    p.add_argument("--work", default=None, help="folder for intermediate models, reused if present (default OUT/work)")
+    p.add_argument("--name", default="sweep", help="file stem of the outputs (default sweep)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from ttfsc.ttfs import bits_for_window, continuous_window
+    if not Path(args.model).is_file():
+        raise TtfscError(f"{args.model}: no such model file; give the float .onnx exported by `ttfsc export`.")
+    if not Path(args.ppl).is_file():
+        raise TtfscError(f"--ppl {args.ppl}: no such text file.")
+    for T in args.T:
+        try:
+            bits_for_window(T)
+        except ValueError as exc:
+            raise TtfscError(f"-T: {exc}") from None
+    for T in args.continuous_T:
+        try:
+            continuous_window(T)
+        except ValueError as exc:
+            raise TtfscError(f"--continuous-T: {exc}") from None
+    bad = [w for w in args.wbits if w not in (4, 8)]
+    if bad:
+        raise TtfscError(f"--wbits {bad[0]}: weights are quantized to 4 or 8 bits.")
+
+
+class Runner:
+    """Builds (or reuses) each model of the sweep in ``work`` and measures it on the same windows."""
+
+    def __init__(self, sweep: Sweep, work: Path, calib: dict, log: Callable[[str], Any]):
+        self.sweep, self.work, self.calib, self.log = sweep, work, calib, log
+
+    def measure(self, kind: str, path: Path, T: int | None = None, wbits: int | None = None) -> Row:
+        from ttfsc.compiler.evaluate import perplexity
+        from ttfsc.compiler.modelio import load_model
+        from ttfsc.compiler.pipeline import latency_per_token
+        s = self.sweep
+        r = perplexity(str(path), s.text, seqlen=s.seqlen, windows=s.windows, seed=0, first=s.first)
+        latency = latency_per_token(load_model(str(path))) if kind in ("snn", "continuous") else None
+        row = Row(kind, T, wbits, r["ppl"], r["tokens"], latency, str(path), round(r["seconds"], 1))
+        self.log(f"sweep: {kind:10s} T={T} W={wbits}: PPL {row.ppl:.4f} ({row.tokens} tokens, {row.seconds} s)"
+                 + (f", {latency} steps/token" if latency is not None else ""))
+        s.rows.append(row)
+        return row
+
+    def qann(self, T: int, wbits: int) -> Path:
+        from ttfsc.compiler.quantize import quantize_model
+        from ttfsc.ttfs import bits_for_window
+        path = self.work / f"W{wbits}_T{T}" / "model.qdq.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            quantize_model(self.sweep.model, path, wbits=wbits, abits=bits_for_window(T), log=_quiet, **self.calib)
+        return path
+
+    def snn(self, qann: Path, T: int) -> Path:
+        from ttfsc.compiler.pipeline import compile_model
+        path = qann.with_name("model.snn.onnx")
+        if not path.is_file():
+            compile_model(str(qann), str(path), T, log=_quiet)
+        return path
+
+    def continuous(self, T: int) -> Path:
+        from ttfsc.compiler.pipeline import compile_model
+        path = self.work / f"continuous_T{T}" / "model.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            compile_model(self.sweep.model, str(path), T, quant_options=dict(self.calib), log=_quiet,
+                          neuron="continuous")
+        return path
+
+
+def _quiet(*_a: Any) -> None:
+    """Swallow the quantizer's and compiler's progress lines (the sweep logs its own)."""
+
+
+def run_sweep(args: argparse.Namespace, log: Callable[[str], Any] = print) -> Sweep:
+    """Build and measure every model; returns the sweep (rows in measurement order)."""
+    _check_args(args)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    sweep = Sweep(str(args.model), str(args.ppl), args.seqlen, args.windows, args.first,
+                  command=getattr(args, "command", ""))
+    calib = {"calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen}
+    run = Runner(sweep, work, calib, log)
+    run.measure("fp", Path(args.model))
+    for T in args.T:
+        for w in args.wbits:
+            qann = run.qann(T, w)
+            run.measure("qann", qann, T, w)
+            run.measure("snn", run.snn(qann, T), T, w)
+    if not args.no_continuous:
+        for T in sorted(set(args.T) | set(args.continuous_T)):
+            run.measure("continuous", run.continuous(T), T)
+    return sweep
+
+
+# ---------------------------------------------------------------- outputs
+
+def _fmt(row: Row | None) -> str:
+    if row is None:
+        return "–"
+    return f"{row.ppl:.3f}" if row.ppl < 1e4 else f"{row.ppl:.3g}"
+
+
+def render_markdown(s: Sweep, wbits: list[int], png_name: str) -> str:
+    """Table 3-style: one row per T, QANN and SNN PPL per weight width, the baseline, latency."""
+    fp = s.get("fp")
+    Ts = sorted({r.T for r in s.rows if r.T is not None})
+    head = ["T (A bits)", "latency (steps/token)"]
+    for w in wbits:
+        head += [f"W{w} QANN", f"W{w} SNN (QC-A2S)", f"W{w} \\|Δ\\|"]
+    head += ["continuous (FP weights)", "continuous latency"]
+    lines = [f"Perplexity of `{s.model}` on `{s.text}` ({_windows_desc(s, fp)}); FP32: **{fp.ppl:.3f}**.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for T in Ts:
+        snns = [s.get("snn", T, w) for w in wbits]
+        lat = next((r.latency for r in snns if r is not None), None)
+        cells = [f"{T} ({int(math.log2(T))})", str(lat) if lat is not None else "–"]
+        for w in wbits:
+            q, n = s.get("qann", T, w), s.get("snn", T, w)
+            diff = f"{abs(q.ppl - n.ppl):.2g}" if q and n else "–"
+            cells += [_fmt(q), _fmt(n), diff]
+        c = s.get("continuous", T)
+        cells += [_fmt(c), str(c.latency) if c else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"![PPL against T]({png_name})", ""]
+    return "\n".join(lines)
+
+
+def _windows_desc(s: Sweep, fp: Row) -> str:
+    n = fp.tokens
+    how = "first" if s.first else "seeded random (seed 0)"
+    return f"{s.windows or 'all'} {how} windows of {s.seqlen or 'default'} tokens, {n} scored tokens"
+
+
+def plot(s: Sweep, wbits: list[int], path: Path) -> None:
+    """PPL against T (log2 axis): QANN dashed, SNN markers, continuous baseline, FP32 line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for w, color in zip(wbits, ("tab:blue", "tab:orange", "tab:green")):
+        for kind, style in (("qann", dict(ls="--", marker="s", ms=9, mfc="none")), ("snn", dict(ls="-", marker="o", ms=4))):
+            pts = sorted((r.T, r.ppl) for r in s.rows if r.kind == kind and r.wbits == w)
+            if pts:
+                label = f"W{w} QANN" if kind == "qann" else f"W{w} SNN (QC-A2S)"
+                ax.plot(*zip(*pts), color=color, label=label, **style)
+    pts = sorted((r.T, r.ppl) for r in s.rows if r.kind == "continuous")
+    if pts:
+        ax.plot(*zip(*pts), color="tab:red", marker="^", label="continuous kernels (TTFSFormer-style)")
+    ax.axhline(s.get("fp").ppl, color="black", lw=0.8, ls=":", label="FP32")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("time window T (steps per stage)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{Path(s.model).parent.name}: perplexity against T", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    from ttfsc.compiler.modelio import atomic_outputs
+    with atomic_outputs(path) as (tmp,):
+        write(Path(tmp))
+
+
+def write_outputs(s: Sweep, wbits: list[int], out: Path, name: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{name}.md", "png": out / f"{name}.png", "json": out / f"{name}.json"}
+    plot(s, wbits, paths["png"])
+    md = render_markdown(s, wbits, paths["png"].name)
+    if s.command:
+        md = f"Command: `{s.command}`\n\n" + md
+    _atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
+    _atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps(
+        {**{k: v for k, v in asdict(s).items() if k != "rows"}, "rows": [asdict(r) for r in s.rows]}, indent=1)))
+    return paths
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The sweep's own command line, rebuilt from the parsed options (all of them, defaults included)."""
+    def ints(v: list[int]) -> str:
+        return ",".join(map(str, v))
+    parts = ["ttfsc", "sweep", args.model, "--ppl", args.ppl, "-T", ints(args.T), "--wbits", ints(args.wbits)]
+    if args.continuous_T:
+        parts += ["--continuous-T", ints(args.continuous_T)]
+    for flag, value in (("--windows", args.windows), ("--seqlen", args.seqlen)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += [f for f, on in (("--first", args.first), ("--no-continuous", args.no_continuous)) if on]
+    parts += ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+              "--out", args.out] + (["--work", args.work] if args.work else [])
+    parts += ["--name", args.name] if args.name != "sweep" else []
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def cli(args: argparse.Namespace) -> int:
+    args.command = command_line(args)
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    sweep = run_sweep(args, log)
+    paths = write_outputs(sweep, args.wbits, Path(args.out), args.name)
+    print(render_markdown(sweep, args.wbits, paths["png"].name))
+    print(f"wrote {paths['md']}, {paths['png']}, {paths['json']} ({time.perf_counter() - t0:.0f} s)")
+    return 0
