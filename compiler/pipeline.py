@@ -58,8 +58,10 @@ def neuron_passes() -> list:
     from ttfsc.passes.linear_neurons import LinearNeurons
     from ttfsc.passes.product_neurons import ProductNeurons
     from ttfsc.passes.rmsnorm_neurons import RMSNormNeurons
+    from ttfsc.passes.shape_of_spikes import ShapeOfSpikes
     from ttfsc.passes.softmax_neurons import SoftmaxNeurons
-    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), LinearNeurons()]
+    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), LinearNeurons(),
+            ShapeOfSpikes()]
 
 
 def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:

@@ -6,6 +6,10 @@ input grid (f evaluated in float64 from the QANN's own ops, e.g. x*sigmoid(x)), 
 ``f(a_in)``, and the output grid's Corollary-1 emission (psi = step_out, theta = b - step_out/2),
 so its potential at t_emit is f(x) and it fires at round(f(x)) on the output grid.
 
+A side input (softmax's exp reads ``DQ(d) + mask``, the additive mask 0 or -inf) keeps the
+neuron's body as its run-time form (decode, the QANN's ops, the quantizer), so masked positions
+are exactly the QANN's; the kernels describe the unmasked function.
+
 Run time: the neuron's realised function is a map from input spike time to output spike time,
 at most 2^n entries. It is obtained by running the QANN's own DQ -> ops -> Q on every input
 time in onnxruntime, and the node is lowered to one Gather on that table: bit-exact to the
@@ -31,7 +35,7 @@ TARGETS = {frozenset({"Sigmoid", "Mul"}): "silu", frozenset({"Exp"}): "exp", fro
 
 
 def target_name(grp: Group) -> str:
-    ops = frozenset(grp.compute_ops) - {"Identity", "Cast"}
+    ops = frozenset(grp.compute_ops) - {"Identity", "Cast"} - ({"Add"} if grp.sides else set())  # mask add
     return TARGETS.get(ops, "+".join(sorted(ops)) or "identity")
 
 
@@ -40,7 +44,8 @@ class ElementwiseToNeuron(NeuronRule):
     kind = "elementwise"
 
     def accepts(self, grp: Group) -> bool:
-        return len(grp.spikes) == 1 and not grp.sides and all(op in ELEMENTWISE for op in grp.op_types)
+        """One spike input, elementwise ops; a side input is allowed (softmax's exp adds the mask)."""
+        return len(grp.spikes) == 1 and all(op in ELEMENTWISE for op in grp.op_types)
 
     def check(self, g: GraphIndex, m: Match) -> str | None:
         grp: Group = m.nodes["group"]
@@ -51,18 +56,22 @@ class ElementwiseToNeuron(NeuronRule):
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
         T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
-        consts = {c: g.const(c) for c in grp.consts}
-        x_name = grp.spikes[0][0]
+        body = m.nodes["body"]
+        names = [vi.name for vi in body.input]  # spike, sides, constants, in this order
+        x_name, n_side = names[0], len(grp.sides)
+        sides = dict.fromkeys(names[1:1 + n_side], 0.0)  # the target on an unmasked position (mask = 0)
+        consts = {nm: g.const(c) for nm, c in zip(names[1 + n_side:], grp.consts)}
 
         def f(x: np.ndarray) -> np.ndarray:
-            return eval_body_f64(m.nodes["body"], {x_name: x, **consts})
+            return eval_body_f64(m.nodes["body"], {x_name: x, **sides, **consts})
 
         a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
         kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, step, T - 1)),),
                   c_offset=(float(f(np.float64(a_in))),), weights=(1.0,), synapse="one_to_one", fan_in=1)
 
     def wants_table(self, grp: Group) -> bool:
-        return True
+        """A table needs the output to depend on the input time alone: no side input."""
+        return not grp.sides
 
 
 class ElementwiseNeurons(Pass):

@@ -1,4 +1,4 @@
-"""Pass: linear multi-input groups (residual add, x - LSE, rotary) ==> TTFSNeuron.
+"""Pass: linear multi-input groups (residual add, x - LSE, rotary, KV concat) ==> TTFSNeuron.
 
 A residual add or a softmax difference is a neuron with step-kernel synapses (Theorem 2 with
 f = identity) from each input stage and fixed weights (+1, +1) or (+1, -1): its potential at
@@ -6,6 +6,10 @@ t_emit is the QANN's float sum, and the output grid's Corollary-1 emission round
 (``x*cos + rotate_half(x)*sin``) is linear in x with weights that are constant per position:
 the synapse weights are the position's cos/sin (side inputs gathered by position, never
 spikes), the rotate-half permutation and sign are wiring and weight signs.
+
+A KV-cache group (``Concat(past, DQ(k)) -> Q`` on k's own grid) is a relay: the new key's spike
+passes through a one-to-one unit-weight synapse; the past (a side input: the cache the caller
+feeds back) is encoded on the same grid.
 
 Operations per output neuron: one accumulation per synapse (2 for residual/difference/rotary),
 no multiplication by a run-time activation (fixed and per-position weights are ordinary
@@ -17,7 +21,7 @@ Run time: the QANN's own float ops as the body, then the Corollary-1 quantizer: 
 from __future__ import annotations
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, count_ops, step_kernel
+from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, count_ops, static_dim, step_kernel
 
 LINEAR = {"Add", "Sub", "Mul", "Div", "Neg", "Where", "Sum"}
 
@@ -37,6 +41,8 @@ class LinearToNeuron(NeuronRule):
         ops = set(grp.compute_ops)
         if grp.sides and "Mul" in ops:
             target, synapse, weights = "rotary", "per_position", ()
+        elif not ops & {"Add", "Sub", "Sum"}:  # e.g. the KV cache: Concat(past, DQ(k)), a relay on k's grid
+            target, synapse, weights = "concat", "one_to_one", (1.0,) * len(grp.spikes)
         else:
             live = grp.spike_derived()  # the node that joins two spike inputs (not a mask add)
             joins = [n for n in grp.nodes if n.op_type in ("Add", "Sub") and all(i in live for i in n.input[:2])]
@@ -49,8 +55,33 @@ class LinearToNeuron(NeuronRule):
                   synapse=synapse, fan_in=len(grp.spikes), adds=adds, muls=0.0)
 
 
+class WiredLinearToNeuron(NeuronRule):
+    """A linear layer whose input passes through wiring first (o_proj: Transpose -> Reshape -> MatMul).
+
+    Same neuron as a TTFSReceive (step kernel, the int8 weights as fixed synaptic weights, K
+    accumulations per output neuron), but the decode does not feed the MatMul directly, so the
+    reception pass leaves it; the body keeps the QANN's exact float MatMul.
+    """
+
+    name = "WiredLinearToNeuron"
+    kind = "linear"
+
+    def accepts(self, grp: Group) -> bool:
+        mm = [n for n in grp.nodes if n.op_type == "MatMul"]
+        return (len(grp.spikes) == 1 and len(mm) == 1 and not grp.activation_products()
+                and set(grp.op_types) <= PLUMBING | {"MatMul", "Add"})
+
+    def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
+        grp: Group = m.nodes["group"]
+        eta, c = step_kernel(kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0])
+        mm = next(n for n in grp.nodes if n.op_type == "MatMul")
+        k = static_dim(m.nodes["info"], mm.input[0], -1)
+        kw.update(target="matmul_weights", eta=(tuple(eta),), c_offset=(c,), weights=(), synapse="fixed",
+                  fan_in=k, adds=float(max(k, 1)), muls=0.0)
+
+
 class LinearNeurons(Pass):
     name = "linear_neurons"
 
     def __init__(self):
-        self.rules = (LinearToNeuron(),)
+        self.rules = (LinearToNeuron(), WiredLinearToNeuron())

@@ -72,10 +72,19 @@ class Group:
                 and len(n.input) >= 2 and n.input[0] in live and n.input[1] in live]
 
 
+#: ops whose output depends on a tensor's shape only, never on its values
+SHAPE_ONLY = {"Shape", "Size"}
+
+
 def spike_dependent(g: GraphIndex) -> set[str]:
-    """Every tensor downstream of a TTFS node (spike times, decodes, potentials)."""
+    """Every tensor whose *values* depend on a TTFS node (spike times, decodes, potentials).
+
+    Shapes do not: a Shape of a decoded tensor (the export's reshape arithmetic) is a side input.
+    """
     live: set[str] = set()
     for n in g.nodes:
+        if n.op_type in SHAPE_ONLY:
+            continue
         if n.domain == DOMAIN or any(i in live for i in n.input):
             live.update(o for o in n.output if o)
     return live
@@ -143,6 +152,7 @@ def tensor_info(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
 def build_body(g: GraphIndex, grp: Group, info: dict) -> tuple[onnx.GraphProto, list[str]]:
     """The group as a standalone graph, and the node inputs that feed its graph inputs in order."""
     names = [d for d, _, _ in grp.spikes] + grp.sides + grp.consts
+    scope = f"{grp.emit.name or grp.emit.output[0]}|"  # body names must not repeat outer ones (SSA)
     inputs = []
     for k, name in enumerate(names):
         if k < len(grp.spikes):
@@ -151,9 +161,15 @@ def build_body(g: GraphIndex, grp: Group, info: dict) -> tuple[onnx.GraphProto, 
             elem = g.inits.by_name[name].data_type
         else:
             elem = info.get(name, (TensorProto.FLOAT, None))[0]
-        inputs.append(helper.make_tensor_value_info(name, elem, None))
-    body = helper.make_graph([_copy(n) for n in grp.nodes], f"{grp.emit.name}/body", inputs,
-                             [helper.make_tensor_value_info(grp.root, TensorProto.FLOAT, None)])
+        inputs.append(helper.make_tensor_value_info(scope + name, elem, None))
+    nodes = []
+    for n in grp.nodes:
+        c = _copy(n)
+        c.input[:] = [scope + x if x else x for x in c.input]
+        c.output[:] = [scope + x if x else x for x in c.output]
+        nodes.append(c)
+    body = helper.make_graph(nodes, f"{grp.emit.name}/body", inputs,
+                             [helper.make_tensor_value_info(scope + grp.root, TensorProto.FLOAT, None)])
     feeds = [t for _, t, _ in grp.spikes] + grp.sides + grp.consts
     return body, feeds
 

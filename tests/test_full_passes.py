@@ -141,6 +141,19 @@ def diff(b: Builder) -> str:
     return b.op("Add", [b.op("Sub", [s, l_], "d"), _mask(b)], "dm")
 
 
+def exp_masked(b: Builder) -> str:
+    """softmax's exp group as quantize --full writes it: Exp(DQ(d) + mask)."""
+    return b.op("Exp", [b.op("Add", [_act(b, "d", (B, H, S, K), -8, 0), _mask(b)], "dm")], "p")
+
+
+def kv_concat(b: Builder) -> str:
+    """Concat(past, DQ(k)) on k's own grid (the past is a float graph input holding grid values)."""
+    k = _act(b, "k", (B, H, S, D // H), -3, 3)
+    scale, z = np.float32(6 / b.N), int(np.round(3 / (6 / b.N)))
+    past = ((b.rng.integers(0, b.N + 1, (B, H, 3, D // H)) - z) * scale).astype(np.float32)
+    return b.op("Concat", [b.input("past", past), k], "kv", axis=2)
+
+
 def mul(b: Builder) -> str:
     return b.op("Mul", [_act(b, "g", (B, S, D), -2, 3), _act(b, "u", (B, S, D), -3, 3)], "gu")
 
@@ -188,12 +201,13 @@ def rotary(b: Builder) -> str:
 
 GROUPS = {"silu": silu, "exp": exp, "rsqrt": rsqrt, "gelu": gelu, "mean_square": mean_square, "lse": lse,
           "lse_decomposed": lse_decomposed, "diff": diff, "mul": mul, "rms_product": rms_product, "qk": qk,
-          "pv": pv, "residual": residual, "rotary": rotary}
+          "pv": pv, "residual": residual, "rotary": rotary, "exp_masked": exp_masked, "kv_concat": kv_concat}
 #: kind and target each builder's group must compile to
 EXPECTED = {"mean_square": ("mean_square", "mean_square"), "lse": ("lse", "log_sum_exp"),
             "lse_decomposed": ("lse", "log_sum_exp"), "diff": ("linear", "sub"), "mul": ("product", "mul"),
             "rms_product": ("product", "mul"), "qk": ("product", "matmul"), "pv": ("product", "matmul"),
-            "residual": ("linear", "add"), "rotary": ("linear", "rotary")}
+            "residual": ("linear", "add"), "rotary": ("linear", "rotary"),
+            "exp_masked": ("elementwise", "exp"), "kv_concat": ("linear", "concat")}
 
 
 def build(kind: str, bits: int = 6, seed: int = 0) -> tuple[onnx.ModelProto, dict, str]:
@@ -248,7 +262,7 @@ def test_group_neuron_bit_exact(group, bits):
     assert len(ns) == 1, [n.op_type for n in snn.graph.node]
     spec = NeuronSpec.from_node(ns[0])
     assert (spec.kind, spec.target) == EXPECTED[group]
-    assert not spec.table  # multi-input neurons run their QANN body
+    assert not spec.table  # multi-input (or masked) neurons run their QANN body
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in snn.graph.node)
     assert_bit_exact(qann, snn, feeds, out)
 
