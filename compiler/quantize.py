@@ -935,6 +935,7 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                    method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
                    smooth: float | None = None, abits_for: Sequence[str] | dict[str, int] | None = None,
+                   full: bool = False, windows: Sequence[str] | None = None,
                    log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
@@ -946,11 +947,17 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     model first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed
     one. ``auto`` is hadamard for a recognised LLaMA decoder and no transform for any other graph.
     ``smooth=None`` picks ``default_smooth(abits)``. ``abits_for`` gives some tensors another
-    width (``["mlp/Mul=8"]``: per-stage windows after ``ttfsc compile -T auto``).
+    width (``["mlp/Mul=8"]``: per-stage windows after ``ttfsc compile -T auto``). ``full`` also
+    quantizes every nonlinearity, product and the residual stream (compiler/quantize_full.py), with
+    per-kind ``windows`` such as ``["softmax=256"]``.
     """
     smooth = default_smooth(abits) if smooth is None else smooth
     overrides = abits_for if isinstance(abits_for, dict) else parse_bits_overrides(abits_for)
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
+    from ttfsc.compiler.quantize_full import parse_windows
+    if windows and not full:
+        raise TtfscError("--window sets the levels of --full stage kinds; add --full (or drop --window).")
+    kind_windows = parse_windows(windows)
     if calib is not None and not isinstance(calib, (str, os.PathLike)):
         calib = [dict(f) for f in calib]  # read once: smoothing and calibration both iterate it
     path = str(model_path)
@@ -958,8 +965,13 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     out_dir = Path(out_path).resolve().parent
     with _transformed(path, out_dir, rotate, rotate_seed, smooth, calib, parse_prefix(prefix), calib_samples,
                       calib_seqlen, log) as tf:
-        summary = _quantize_float(tf, path, out_path, wbits, abits, method, percentile, calib, calib_samples,
-                                  calib_seqlen, log, overrides)
+        if full:
+            from ttfsc.compiler.quantize_full import quantize_float_full
+            summary = quantize_float_full(tf, path, str(out_path), wbits, abits, method, percentile, calib,
+                                          calib_samples, calib_seqlen, log, overrides, kind_windows)
+        else:
+            summary = _quantize_float(tf, path, out_path, wbits, abits, method, percentile, calib, calib_samples,
+                                      calib_seqlen, log, overrides)
     modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
     return summary
 
@@ -1037,5 +1049,6 @@ def quantize_cli(args: Any) -> int:
                    percentile=args.percentile, calib=args.calib, calib_samples=args.calib_samples,
                    calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"),
                    rotate=getattr(args, "rotate", DEFAULT_ROTATE), rotate_seed=getattr(args, "rotate_seed", 0),
-                   smooth=getattr(args, "smooth", DEFAULT_SMOOTH), abits_for=getattr(args, "abits_for", None))
+                   smooth=getattr(args, "smooth", DEFAULT_SMOOTH), abits_for=getattr(args, "abits_for", None),
+                   full=getattr(args, "full", False), windows=getattr(args, "window", None))
     return 0

@@ -1,0 +1,621 @@
+"""``ttfsc quantize --full``: the fully quantized twin (QANN) that a fully spiking graph must equal.
+
+The hybrid QANN (compiler/quantize.py) quantizes only what linear layers read. A fully spiking
+network also has to carry every other activation as spike times, so its exact twin must quantize
+every tensor that crosses a stage boundary. This module rewrites the (rotated, smoothed) float
+decoder into a standard QDQ model in which each decoder compute op sits in a *stage group*:
+
+    DQ(a) [, DQ(b)] --float ops of the group--> result --Clip--> Q --> DQ --> next groups
+
+Every activation input of a group comes from a per-tensor DequantizeLinear (scalar scale and zero
+point, uint8 codes, or uint16 through the com.microsoft contrib ops above 8 bits), and its single
+result goes into exactly one per-tensor Clip -> QuantizeLinear. Shape plumbing (Reshape,
+Transpose, Unsqueeze, Expand, Slice, Concat, Cast, ...) may sit between a DQ and its group. The
+groups and the *kind* of each quantizer (metadata ``ttfsc.full.groups``: Q node name -> kind;
+the kind is also the Q node's name suffix ``[kind]``):
+
+* ``residual``   embedding output and each residual Add: DQ(h) + DQ(linear out).
+* ``rmsnorm_ms`` DQ(x) -> Pow 2 -> ReduceMean (mean square).
+* ``rsqrt``      DQ(ms) -> Add eps -> Sqrt -> Div(1, .) (unary).
+* ``product``    DQ(x) * DQ(r) -> Cast -> Mul gamma (a per-channel constant; ones after rotation);
+                 QK^T (DQ(q_rot) * c, DQ(k) * c -> MatMul, c = 1/d^(1/4) constants);
+                 PV (DQ(p) @ DQ(v)); gate (.) up (DQ(silu) * DQ(up)).
+* ``linear_out`` DQ(x) @ DQ(int8 W) (every linear but lm_head: the logits stay float).
+* ``rotary``     DQ(q or k) -> Mul cos, rotate_half (Slice, Neg, Concat), Mul sin, Add (linear with
+                 per-position constant weights).
+* ``silu``       DQ(g) -> Sigmoid, Mul(g, .) (one unary group: nothing quantized in between).
+* ``lse``, ``sub``, ``exp``: softmax is decomposed (below).
+* ``kv``         Concat(past, DQ(k or v)) -> Q with *the same* scale and zero point as the k/v
+                 quantizer it concatenates (metadata ``ttfsc.full.kv``: kv Q -> source Q). The
+                 ``present.*`` outputs are that DQ, so a fed-back past holds values of this very
+                 grid and Q(past) is exact: the past enters as codes of the k/v quantizer, never
+                 with a range of its own. Its range covers both new k/v and the past
+                 (a PrefixQuant prefix cache included).
+
+Softmax. ``Softmax(s + mask)`` becomes::
+
+    lse = ReduceLogSumExp(DQ(s) + mask, axis -1)       group lse
+    d   = DQ(s) - DQ(lse)                              group sub
+    p   = Exp(DQ(d) + mask)                            group exp, p's zero point is 0
+
+where ``mask`` is the export's additive attention mask (0 or -inf, a per-position constant like
+rotary's cos/sin, never quantized). Masked positions are therefore left out of the log-sum-exp
+exactly and get ``exp(-inf) = 0`` -> p code 0 exactly, whatever the score grid; the score
+quantizer sees raw scores (no -inf) and every softmax range is calibrated on unmasked positions
+only. The export's IsNaN/Where guard after Softmax (all-masked rows) is dropped: causal rows
+always keep their own position. ``p`` is quantized with its zero point at 0 (range [0, max p]).
+
+Widths. Each quantizer's width is, first match wins: ``--abits-for PATTERN=BITS`` on its tensor
+name, ``--window KIND=LEVELS`` (KIND a kind above or ``softmax`` = lse+sub+exp, ``rmsnorm`` =
+rmsnorm_ms+rsqrt), the measured default ``abits + DEFAULT_EXTRA_BITS[kind]``
+(benchmarks/full_twin.md). ``kv`` always follows its source.
+
+Ranges: calibrated per tensor on the float model (with the same decomposed softmax) after the
+prefix. Tensors a linear reads use ``--method`` (search: clipping of least layer-output MSE, as in
+the hybrid QANN); the PV product's range is observed on the o_proj input (same values, permuted).
+Everything else uses min/max (FULL_METHOD, measured in benchmarks/full_twin.md).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ttfsc.compiler import modelio
+from ttfsc.compiler.errors import TtfscError
+from ttfsc.ttfs import MAX_BITS, MIN_BITS, window_for_bits
+
+KINDS = ("residual", "rmsnorm_ms", "rsqrt", "product", "linear_out", "rotary", "silu", "lse", "sub", "exp", "kv")
+WINDOW_ALIASES = {"softmax": ("lse", "sub", "exp"), "rmsnorm": ("rmsnorm_ms", "rsqrt")}
+# extra bits over --abits per kind, measured on stories260K / SmolLM2 (benchmarks/full_twin.md)
+DEFAULT_EXTRA_BITS: dict[str, int] = {}
+PLUMBING = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Slice", "Concat", "Cast", "Identity",
+            "Flatten", "Gather")
+GROUPS_META, KV_META, WINDOWS_META = "ttfsc.full.groups", "ttfsc.full.kv", "ttfsc.full.windows"
+FULL_META = "ttfsc.full"
+
+
+# ---------------------------------------------------------------- options
+
+def parse_windows(specs: Sequence[str] | None) -> dict[str, int]:
+    """``["softmax=256", "residual=256"]`` -> {kind: bits} (aliases expanded); one clear error otherwise."""
+    out: dict[str, int] = {}
+    valid = [k for k in KINDS if k != "kv"] + list(WINDOW_ALIASES)
+    for spec in specs or ():
+        kind, sep, levels = spec.partition("=")
+        kinds = WINDOW_ALIASES.get(kind, (kind,) if kind in valid else ())
+        n = int(levels) if levels.isdigit() else 0
+        bits = n.bit_length() - 1
+        if not sep or not kinds or n & (n - 1) or not MIN_BITS <= bits <= MAX_BITS:
+            raise TtfscError(f"--window {spec!r}: expected KIND=LEVELS with KIND one of {', '.join(valid)} and LEVELS "
+                             f"a power of two in {1 << MIN_BITS}..{1 << MAX_BITS}, e.g. --window softmax=256.")
+        out.update({k: bits for k in kinds})
+    return out
+
+
+def kind_bits(kind: str, abits: int, windows: dict[str, int]) -> int:
+    """Width of a ``kind`` quantizer when no --abits-for pattern names its tensor."""
+    if kind in windows:
+        return windows[kind]
+    return min(MAX_BITS, abits + DEFAULT_EXTRA_BITS.get(kind, 0))
+
+
+# ---------------------------------------------------------------- graph maps
+
+class Graph:
+    """Producer/consumer maps and the activation set (what flows from the embedding or the past)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.inits = {t.name for t in model.graph.initializer}
+        self.outputs = {o.name for o in model.graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in model.graph.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                self.consumers[i].append(node)
+        self.active = self._activations()
+
+    def _activations(self) -> set[str]:
+        """Tensors computed from token embeddings or the past KV (Shape outputs are integers, not activations)."""
+        active = {i.name for i in self.model.graph.input if i.name.startswith("past_key_values.")}
+        for node in self.model.graph.node:
+            if node.op_type == "Gather" and node.input[0] in self.inits and len(node.input) == 2:
+                active.add(node.output[0])  # embedding lookup
+            elif node.op_type != "Shape" and any(i in active for i in node.input):
+                active.update(node.output)
+        return active
+
+    def act_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i in self.active]
+
+    def source(self, tensor: str) -> str:
+        """``tensor`` traced back through plumbing that has one activation input."""
+        while tensor in self.producer:
+            node = self.producer[tensor]
+            ins = self.act_inputs(node)
+            if node.op_type not in PLUMBING or len(ins) != 1:
+                break
+            tensor = ins[0]
+        return tensor
+
+    def users(self, tensor: str) -> list[onnx.NodeProto]:
+        """Readers of ``tensor`` that use its values (Shape only reads its dimensions)."""
+        return [u for u in self.consumers.get(tensor, []) if u.op_type != "Shape"]
+
+    def sink(self, tensor: str, linear_inputs: set[str]) -> str:
+        """Follow single-reader plumbing forward from ``tensor`` to a linear input, if one is reached."""
+        t = tensor
+        while t not in linear_inputs:
+            users = self.users(t)
+            if len(users) != 1 or users[0].op_type not in PLUMBING or t in self.outputs:
+                return tensor
+            t = users[0].output[0]
+        return t
+
+
+# ---------------------------------------------------------------- softmax decomposition
+
+def _const(model: onnx.ModelProto, names: Callable[[str], str], base: str, value: np.ndarray) -> str:
+    name = names(base)
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def decompose_softmax(model: onnx.ModelProto, names: Callable[[str], str]) -> list[dict[str, str]]:
+    """Rewrite every last-axis ``Softmax(s [+ mask])`` of an activation into lse / sub / exp (in place).
+
+    Returns, per softmax, the tensors {"s", "lse", "d", "p", "mask"} (mask "" when there is none).
+    """
+    g = Graph(model)
+    found = []
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+    for node in list(model.graph.node):
+        if node.op_type != "Softmax" or node.input[0] not in g.active:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if axis != -1:
+            raise TtfscError(f"{node.name}: Softmax over axis {axis}; --full decomposes last-axis softmax only.")
+        s, mask, add = node.input[0], "", g.producer.get(node.input[0])
+        if add is not None and add.op_type == "Add" and len(g.act_inputs(add)) == 1 and len(g.users(s)) == 1:
+            s = g.act_inputs(add)[0]
+            mask = next(i for i in add.input if i != s)
+            drop.add(index[id(add)])
+        base = node.name or s
+        axes = _const(model, names, f"{base}_lse_axes", np.array([-1], np.int64))
+        t = {k: names(f"{base}_{k}") for k in ("masked", "lse", "d", "dm", "p")}
+        seq = []
+        if mask:
+            seq.append(helper.make_node("Add", [s, mask], [t["masked"]], name=names(f"{base}_lse/Add_mask")))
+        seq.append(helper.make_node("ReduceLogSumExp", [t["masked"] if mask else s, axes], [t["lse"]], keepdims=1,
+                                    name=names(f"{base}_lse/ReduceLogSumExp")))
+        seq.append(helper.make_node("Sub", [s, t["lse"]], [t["d"]], name=names(f"{base}_sub/Sub")))
+        if mask:
+            seq.append(helper.make_node("Add", [t["d"], mask], [t["dm"]], name=names(f"{base}_exp/Add_mask")))
+        seq.append(helper.make_node("Exp", [t["dm"] if mask else t["d"]], [t["p"]], name=names(f"{base}_exp/Exp")))
+        new_nodes[index[id(node)]] = seq
+        drop.add(index[id(node)])
+        out = _drop_nan_guard(g, node.output[0], index, drop)
+        _rename_uses(model, out, t["p"])
+        found.append({"s": s, "lse": t["lse"], "d": t["d"], "p": t["p"], "mask": mask, "node": base})
+    nodes, orphans = [], set()
+    for i, node in enumerate(model.graph.node):
+        nodes.extend(new_nodes.get(i, []))
+        if i in drop:
+            orphans.update(node.input)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _drop_unused(model, orphans)
+    return found
+
+
+def _drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove initializers among ``candidates`` that no node reads any more (the dropped guard's constants)."""
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in candidates or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _drop_nan_guard(g: Graph, p: str, index: dict[int, int], drop: set[int]) -> str:
+    """``Where(IsNaN(p), 0, p)`` after the softmax (Optimum's all-masked-row guard): drop it, return its output."""
+    users = g.consumers.get(p, [])
+    isnan = [u for u in users if u.op_type == "IsNaN"]
+    where = [u for u in users if u.op_type == "Where" and isnan and u.input[0] == isnan[0].output[0]]
+    if len(users) == 2 and len(isnan) == 1 and len(where) == 1 and where[0].input[2] == p:
+        drop.update({index[id(isnan[0])], index[id(where[0])]})
+        return where[0].output[0]
+    return p
+
+
+def _rename_uses(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        for k, x in enumerate(node.input):
+            if x == old:
+                node.input[k] = new
+    for o in model.graph.output:
+        if o.name == old:
+            raise TtfscError(f"softmax output {old} is a graph output; --full cannot decompose it.")
+
+
+# ---------------------------------------------------------------- quantization points
+
+@dataclass
+class QPoint:
+    """One stage-group result to quantize: where the Q goes and how its range is calibrated."""
+
+    tensor: str                 # the group's result: Clip -> Q -> DQ is inserted after it
+    kind: str
+    calib: str = ""             # tensor observed for the range (same values, maybe permuted); default tensor
+    linear_input: bool = False  # ``calib`` is read by linear layers: --method (search) applies
+    mask: str = ""              # additive mask: only positions where it is 0 are calibrated
+    shares: str = ""            # kv: the tensor of the quantizer whose parameters it reuses
+    lo_zero: bool = False       # range starts at exactly 0 (softmax probabilities)
+
+    def __post_init__(self) -> None:
+        self.calib = self.calib or self.tensor
+
+
+def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: Sequence[onnx.NodeProto]) -> list[QPoint]:
+    """Every quantization point of the decomposed float model, in graph order, each with its kind."""
+    g = Graph(model)
+    lin_ids = {id(n) for n in linears}
+    lin_out = {n.output[0] for n in linears}
+    lin_in = {n.input[0] for n in linears}
+    points: dict[str, QPoint] = {}
+
+    def add(p: QPoint) -> None:
+        if p.tensor not in points:
+            points[p.tensor] = p
+
+    sm_nodes = {}
+    for sm in softmaxes:
+        sm_nodes[sm["s"]] = sm
+    for node in model.graph.node:
+        op, ins = node.op_type, g.act_inputs(node)
+        out = node.output[0] if node.output else ""
+        if op == "Gather" and node.input[0] in g.inits and out in g.active:
+            add(QPoint(out, "residual"))  # the embedding starts the residual stream
+        elif not ins or out not in g.active:
+            continue
+        elif id(node) in lin_ids:
+            if out not in g.outputs:
+                add(QPoint(out, "linear_out"))
+        elif op == "Add" and len(ins) == 2:
+            kind = "residual" if any(g.source(i) in lin_out for i in ins) else "rotary"
+            add(QPoint(out, kind))
+        elif op == "ReduceMean":
+            add(QPoint(out, "rmsnorm_ms"))
+        elif op == "Div" and g.producer.get(ins[0]) is not None and g.producer[ins[0]].op_type == "Sqrt":
+            add(QPoint(out, "rsqrt"))
+        elif op == "Mul" and len(ins) == 2:
+            add(_mul_point(g, node, lin_in))
+        elif op == "MatMul" and len(ins) == 2:
+            sm = sm_nodes.get(out)
+            if sm is not None:
+                add(QPoint(out, "product", mask=sm["mask"]))
+            else:
+                sink = g.sink(out, lin_in)
+                add(QPoint(out, "product", calib=sink, linear_input=sink in lin_in))
+        elif op == "ReduceLogSumExp":
+            add(QPoint(out, "lse"))
+        elif op == "Sub":
+            mask = next((s["mask"] for s in softmaxes if s["d"] == out), "")
+            add(QPoint(out, "sub", mask=mask))
+        elif op == "Exp":
+            add(QPoint(out, "exp", lo_zero=True))
+        elif op == "Concat" and any(i.startswith("past_key_values.") for i in ins):
+            new = [i for i in ins if not i.startswith("past_key_values.")]
+            add(QPoint(out, "kv", shares=g.source(new[0]) if len(new) == 1 else ""))
+    _finish(points, lin_in, g)
+    return list(points.values())
+
+
+def _mul_point(g: Graph, node: onnx.NodeProto, lin_in: set[str]) -> QPoint:
+    """A product of two activations: SiLU (x * Sigmoid(x)), RMSNorm apply (x * r, to the gain), or gate*up."""
+    a, b = g.act_inputs(node)
+    prods = {g.producer[i].op_type if i in g.producer else "" for i in (a, b)}
+    out = node.output[0]
+    if "Sigmoid" in prods:
+        return QPoint(out, "silu")
+    end = out
+    while True:  # RMSNorm: Mul(x, r) -> Cast -> Mul(gamma): quantize after the gain
+        users = g.users(end)
+        if len(users) != 1 or end in lin_in:
+            break
+        u = users[0]
+        if u.op_type == "Cast" or (u.op_type == "Mul" and len(g.act_inputs(u)) == 1):
+            end = u.output[0]
+        else:
+            break
+    return QPoint(end, "product", linear_input=end in lin_in)
+
+
+def _finish(points: dict[str, QPoint], lin_in: set[str], g: Graph) -> None:
+    """Linear inputs get the linear-input calibration; a kv point's source must be a quantizer."""
+    for p in points.values():
+        if p.calib in lin_in:
+            p.linear_input = True
+        if p.kind == "kv" and p.shares not in points:
+            raise TtfscError(f"{p.tensor}: the past is concatenated with {p.shares or 'several tensors'}, which is not "
+                             "a quantized group result; --full expects Concat(past, k or v).")
+    for x in lin_in:
+        if g.source(x) not in points and x not in points:
+            raise TtfscError(f"linear input {x} is not produced by a recognised stage group; --full supports "
+                             "LLaMA decoders exported with `ttfsc export`.")
+
+
+# ---------------------------------------------------------------- calibration
+
+class MaskedMinMax:
+    """Min/max over the positions an additive mask keeps (mask == 0); all positions without a mask."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi = np.inf, -np.inf
+
+    def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+        if mask is not None:
+            x = x[np.broadcast_to(mask == 0, x.shape)]
+        if x.size:
+            if not np.all(np.isfinite(x)):
+                self.lo = self.hi = float("nan")
+                return
+            self.lo, self.hi = float(min(self.lo, x.min())), float(max(self.hi, x.max()))
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+def calibrate_points(sess: Any, points: Sequence[QPoint], feeds: Sequence[dict[str, np.ndarray]],
+                     search_observer: Callable[[], Any] | None) -> dict[str, Any]:
+    """Observers per calibration tensor: ``search_observer`` (rows) for linear inputs, masked min/max otherwise."""
+    obs: dict[str, Any] = {}
+    for p in points:
+        if p.calib not in obs:
+            obs[p.calib] = search_observer() if (p.linear_input and search_observer) else MaskedMinMax()
+    masks = sorted({p.mask for p in points if p.mask})
+    fetch = list(obs) + [m for m in masks if m not in obs]
+    for f in feeds:
+        values = dict(zip(fetch, sess.run(fetch, f)))
+        for p in points:
+            ob = obs[p.calib]
+            x = values[p.calib]
+            if isinstance(ob, MaskedMinMax):
+                ob.update(x, values[p.mask] if p.mask else None)
+        for name, ob in obs.items():
+            if not isinstance(ob, MaskedMinMax):
+                ob.update(values[name])
+    return obs
+
+
+def point_ranges(points: Sequence[QPoint], observers: dict[str, Any],
+                 searched: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """(lo, hi) per point tensor; probabilities start at 0; kv and its source share the union."""
+    ranges = {}
+    for p in points:
+        lo, hi = searched.get(p.calib) or observers[p.calib].range()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise TtfscError(f"{p.tensor} ({p.kind}): calibrated range [{lo}, {hi}] is not finite; "
+                             "--full needs every stage finite (check the calibration text and the mask).")
+        ranges[p.tensor] = (0.0 if p.lo_zero else lo, hi)
+    for p in points:
+        if p.kind == "kv":
+            lo = min(ranges[p.tensor][0], ranges[p.shares][0])
+            hi = max(ranges[p.tensor][1], ranges[p.shares][1])
+            ranges[p.tensor] = ranges[p.shares] = (lo, hi)
+    return ranges
+
+
+# ---------------------------------------------------------------- graph rewriting
+
+def insert_chains(model: onnx.ModelProto, points: Sequence[QPoint], params: dict[str, Any],
+                  names: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Clip -> Q -> DQ after every point; all readers read the DQ. Returns {Q node: kind}, {kv Q: source Q}."""
+    from ttfsc.compiler.quantize import activation_chain
+    g = Graph(model)
+    kinds, q_of, new_nodes = {}, {}, []
+    for p in points:
+        x = p.tensor
+        if x in g.outputs:  # present.*: the float tensor is renamed and the graph output becomes the DQ
+            pre = names(f"{x}_prequant")
+            producer = g.producer[x]
+            producer.output[list(producer.output).index(x)] = pre
+            nodes, inits, _ = activation_chain(pre, params[x], names)
+            nodes[-1].output[0] = x
+        else:
+            nodes, inits, dq = activation_chain(x, params[x], names)
+            for r in g.consumers.get(x, []):
+                r.input[:] = [dq if i == x else i for i in r.input]
+        for n in nodes:
+            n.name = f"{n.name}[{p.kind}]"
+        model.graph.initializer.extend(inits)
+        new_nodes += nodes
+        q = next(n for n in nodes if n.op_type == "QuantizeLinear")
+        kinds[q.name] = p.kind
+        q_of[x] = q.name
+    model.graph.node.extend(new_nodes)
+    toposort(model)
+    kv = {q_of[p.tensor]: q_of[p.shares] for p in points if p.kind == "kv"}
+    return kinds, kv
+
+
+def toposort(model: onnx.ModelProto) -> None:
+    """Order nodes so every input is produced before use, keeping the original order where it already is."""
+    nodes = list(model.graph.node)
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = [[produced[x] for x in n.input if x in produced] for n in nodes]
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    remaining = [len(d) for d in deps]
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise TtfscError("internal: the --full rewrite made a cycle in the graph")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+# ---------------------------------------------------------------- reading the groups back
+
+@dataclass
+class Group:
+    """One stage group of a --full model: its kind, Q node, float member nodes and input DQ nodes."""
+
+    kind: str
+    q: onnx.NodeProto
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inputs: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def stage_groups(model: onnx.ModelProto) -> list[Group]:
+    """The groups of a --full QDQ model, read from its metadata and walked back from each Q to its DQs."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if GROUPS_META not in meta:
+        raise TtfscError(f"model has no {GROUPS_META} metadata; quantize it with `ttfsc quantize --full`.")
+    kinds = json.loads(meta[GROUPS_META])
+    g = Graph(model)
+    by_name = {n.name: n for n in model.graph.node}
+    out = []
+    for qname, kind in kinds.items():
+        q = by_name[qname]
+        group = Group(kind, q)
+        seen: set[int] = set()
+        stack = [q.input[0]]
+        while stack:
+            t = stack.pop()
+            node = g.producer.get(t)
+            if node is None or t not in g.active or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "DequantizeLinear":
+                group.inputs.append(node)
+                continue
+            if node.op_type != "Clip" or node is not g.producer.get(q.input[0]):
+                group.nodes.append(node)
+            stack.extend(node.input)
+        out.append(group)
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits: int, method: str, percentile: float,
+                        calib: Any, samples: int, seqlen: int, log: Callable[[str], Any],
+                        abits_for: dict[str, int] | None, windows: dict[str, int]) -> dict:
+    """The --full counterpart of quantize._quantize_float: calibrate every stage of ``tf.path``, write the twin."""
+    from ttfsc.compiler import quantize as qz
+    path = tf.path
+    model = modelio.load_model(path)
+    names = qz._Names(model)
+    softmaxes = decompose_softmax(model, names)
+    linears = qz.find_linears(model)
+    if not linears:
+        raise TtfscError(f"{original}: no MatMul with a float32 initializer weight to quantize; "
+                         "give a float model exported with `ttfsc export` (not an already quantized one).")
+    points = plan(model, softmaxes, linears)
+    width = {p.tensor: _point_bits(p, abits, windows, abits_for) for p in points}
+    width.update({p.tensor: width[p.shares] for p in points if p.kind == "kv"})
+    t0 = time.perf_counter()
+    ranges, prefix, desc = _calibrate(model, path, linears, points, width, calib, method, percentile,
+                                      tf.prefix_mode, samples, seqlen, log)
+    params = {t: qz.activation_params(lo, hi, width[t]) for t, (lo, hi) in ranges.items()}
+    t_calib = time.perf_counter() - t0
+    used = {k: window_for_bits(kind_bits(k, abits, windows)) for k in KINDS if k != "kv"}
+    meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method,
+            "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in (abits_for or {}).items()),
+            "ttfsc.calibration": desc, qz.PREFIX_META: qz.format_ids(prefix.ids) if prefix else "",
+            WINDOWS_META: json.dumps(used), **tf.meta}
+    n_weights = write_full(model, linears, points, params, wbits, meta, str(out_path))
+    if prefix is not None:
+        qz._save_prefix(prefix, Path(out_path).resolve().parent / qz.PREFIX_FILE)
+    log(f"full twin: {n_weights} weights to int8, {len(points)} activation quantizers ({_count(points)}); "
+        f"windows {used}; calibration {desc} ({t_calib:.1f}s)")
+    log(f"wrote {out_path}")
+    return {"model": original, "output": str(out_path), "full": True, "wbits": wbits, "abits": abits,
+            "method": method, "weights": n_weights, "activations": len(points), "windows": used,
+            "calibration": desc, "calibration_seconds": round(t_calib, 3), "rotation": tf.meta["ttfsc.rotation"],
+            "smoothing": tf.meta["ttfsc.smoothing"],
+            "prefix": {"tokens": list(prefix.ids), "kv_bytes": prefix.kv_bytes} if prefix else None,
+            "ranges": {p.tensor: {"kind": p.kind, "min": ranges[p.tensor][0], "max": ranges[p.tensor][1],
+                                  "scale": float(params[p.tensor].scale), "zero_point": params[p.tensor].zero_point,
+                                  "levels": params[p.tensor].N + 1} for p in points}}
+
+
+def _calibrate(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto], points: list[QPoint],
+               width: dict[str, int], calib: Any, method: str, percentile: float, prefix_mode: Any, samples: int,
+               seqlen: int, log: Callable[[str], Any]) -> tuple[dict[str, tuple[float, float]], Any, str]:
+    """Ranges of every point on the decomposed float model, after the prefix (chosen as in the hybrid QANN)."""
+    from ttfsc.compiler import quantize as qz
+    acts = qz._activation_names(model, linears)
+    calib_names = sorted({p.calib for p in points} | {p.mask for p in points if p.mask} | set(acts))
+    with qz._with_outputs(model, calib_names), qz._session(model, path) as sess:
+        feeds, prefix, desc = qz._calibration_feeds(sess, path, acts, calib, prefix_mode, samples, seqlen, log)
+        search = qz.make_observer(method, percentile, len(feeds)) if method != "minmax" else None
+        observers = calibrate_points(sess, points, feeds, search)
+    lin_obs = {n: ob for n, ob in observers.items() if not isinstance(ob, MaskedMinMax)}
+    searched: dict[str, tuple[float, float]] = {}
+    if method == "search":
+        bits_of = {p.calib: width[p.tensor] for p in points}
+        searched, _ = qz.searched_ranges(model, linears, lin_obs, lambda n: bits_of[n])
+    elif method == "percentile":
+        searched = {n: ob.range() for n, ob in lin_obs.items()}
+    return point_ranges(points, observers, searched), prefix, desc
+
+
+def _point_bits(p: QPoint, abits: int, windows: dict[str, int], abits_for: dict[str, int] | None) -> int:
+    """--abits-for on the tensor (or its calibration name), else the kind's window."""
+    for pattern, bits in (abits_for or {}).items():
+        if pattern in p.tensor or pattern in p.calib:
+            return bits
+    return kind_bits(p.kind, abits, windows)
+
+
+def _count(points: Iterable[QPoint]) -> str:
+    c: dict[str, int] = defaultdict(int)
+    for p in points:
+        c[p.kind] += 1
+    return ", ".join(f"{k} {c[k]}" for k in KINDS if c[k])
+
+
+def write_full(model: onnx.ModelProto, linears: list[onnx.NodeProto], points: list[QPoint], params: dict[str, Any],
+               wbits: int, meta: dict[str, str], out_path: str) -> int:
+    """Weights to int8 + every point's Clip -> Q -> DQ; save atomically. Returns the number of weights."""
+    from ttfsc.compiler import quantize as qz
+    spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
+    try:
+        w_chains, replaced = qz.quantize_weights(model, linears, wbits, spill)
+        for nodes, _ in w_chains:
+            model.graph.node.extend(nodes)
+        kinds, kv = insert_chains(model, points, params, qz._Names(model))
+        if any(p.N > 255 for p in params.values()) and not any(o.domain == qz.MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(qz.MS_DOMAIN, 1))
+        qz._drop_unused_initializers(model, replaced)
+        qz._set_metadata(model, {**meta, FULL_META: "1", GROUPS_META: json.dumps(kinds), KV_META: json.dumps(kv)})
+        modelio.save_model(model, out_path)
+    finally:
+        spill.close()
+    return len(replaced)
