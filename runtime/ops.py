@@ -31,6 +31,19 @@ Rate-coded baseline (same domain and version; ``ttfsc compile --coding rate``):
 ``RateDecode(counts) -> x``
     Counts to values, ``x = (c - zero_point) * threshold``. Attributes ``steps``, ``threshold``,
     ``zero_point``.
+
+Continuous-kernel baseline (TTFSFormer style; ``ttfsc compile --neuron continuous``):
+
+``ContinuousEmit(V) -> t``
+    Emission of a stage whose kernels come from the continuous theory (ttfsc.ttfs.ContinuousStage):
+    range ``[a, b]`` from the float model's min/max, ``tau = T/(b - a)``, constant ``psi``,
+    ``theta = b``; spike times as for TTFSEmit (uint8/uint16, ``t = T-1`` silent). The decoded
+    value ``a + (T-1-t) * (b-a)/T`` floors V onto T levels: it is no QANN's code.
+    Attributes: ``window`` (T), ``a``, ``b``, ``tau``, ``psi``, ``theta``, ``source_tensor``
+    (the float tensor the stage replaces).
+``ContinuousDecode(t) -> x``
+    Spike times to values, ``x = a + (T-1-t) * (b-a)/T``. Attributes ``window``, ``a``, ``b``.
+    Receivers are ordinary ``TTFSReceive`` nodes on the table kernel (``c_offset = a``).
 """
 from __future__ import annotations
 
