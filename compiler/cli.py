@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
 COMMAND_MODULES: dict[str, str] = {
     "eval": "ttfsc.compiler.evaluate",
+    "inspect": "ttfsc.compiler.inspect",
     "report": "ttfsc.compiler.report",
     "sweep": "ttfsc.compiler.sweep",
 }

@@ -21,7 +21,7 @@ Run time: the QANN's own float ops as the body, then the Corollary-1 quantizer: 
 from __future__ import annotations
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, count_ops, static_dim, step_kernel
+from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, static_dim, step_kernel
 
 LINEAR = {"Add", "Sub", "Mul", "Div", "Neg", "Where", "Sum"}
 
@@ -49,10 +49,9 @@ class LinearToNeuron(NeuronRule):
             root = (joins or [n for n in grp.nodes if n.op_type in ("Add", "Sub")])[0]
             target, synapse = ("sub", "fixed") if root.op_type == "Sub" else ("add", "fixed")
             weights = tuple(1.0 if (root.op_type == "Add" or j == 0) else -1.0 for j in range(len(grp.spikes)))
-        adds, _ = count_ops(grp, m.nodes["info"], product=False)
-        adds = max(adds, 2.0) if target == "rotary" else adds  # x_i*cos + x_(i+-d/2)*sin: two synapses
+        fan_in = 2 if target == "rotary" else len(grp.spikes)  # rotary: x_i*cos + x_(i+-d/2)*sin
         kw.update(target=target, eta=tuple(tuple(e) for e in etas), c_offset=tuple(cs), weights=weights,
-                  synapse=synapse, fan_in=len(grp.spikes), adds=adds, muls=0.0)
+                  synapse=synapse, fan_in=fan_in)
 
 
 class WiredLinearToNeuron(NeuronRule):
@@ -77,7 +76,7 @@ class WiredLinearToNeuron(NeuronRule):
         mm = next(n for n in grp.nodes if n.op_type == "MatMul")
         k = static_dim(m.nodes["info"], mm.input[0], -1)
         kw.update(target="matmul_weights", eta=(tuple(eta),), c_offset=(c,), weights=(), synapse="fixed",
-                  fan_in=k, adds=float(max(k, 1)), muls=0.0)
+                  fan_in=k)
 
 
 class LinearNeurons(Pass):

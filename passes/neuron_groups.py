@@ -331,30 +331,24 @@ def _time_type(T: int) -> int:
     return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
 
 
-def count_ops(grp: Group, info: dict, product: bool) -> tuple[float, float]:
-    """(additions, multiplications) one output neuron of the group costs, counted honestly.
+def post_product_muls(grp: Group) -> float:
+    """Multiplications per output neuron *after* the activation product (e.g. x*r then *gamma).
 
-    Additions: one accumulation per incoming synapse (the fan-in: 1 for one-to-one, I for a mean
-    or a log-sum-exp over I inputs, K for a K-long dot product). Multiplications: every product
-    with a run-time activation, which no fixed synapse can absorb: K per activation MatMul, one
-    per Mul/Div in a product neuron (x*r, then *gamma on a run-time value, counts 2). Nonlinear
-    functions cost nothing extra: they are the shape of eta (input) or psi (output) kernels,
-    integrated over the window exactly like a step kernel. A fixed or per-position weight
-    (residual +-1, 1/I, rotary cos/sin) is an ordinary synaptic weight, not a multiply.
+    Operation counting, for every neuron kind: one accumulation per synapse (the fan-in), one
+    multiplication per synapse whose weight is a run-time activation (a product synapse), and
+    each further Mul/Div applied to the run-time product. A constant multiplying an *input*
+    before the product (QK^T's 1/d^(1/4)) scales a fixed step kernel and costs nothing; nonlinear
+    functions cost nothing either: they are the shape of the eta / psi kernels, integrated over
+    the window exactly like a step kernel. Fixed or per-position weights (residual +-1, 1/I,
+    rotary cos/sin) are ordinary synaptic weights, not multiplies.
     """
-    adds, muls = 0.0, 0.0
-    live = grp.spike_derived()
-    for n in grp.nodes:
-        if n.op_type == "MatMul":
-            k = static_dim(info, n.input[0], -1)
-            k = k if k > 0 else 1
-            adds += k
-            muls += k if (n.input[0] in live and n.input[1] in live) else 0
-        elif n.op_type.startswith("Reduce"):
-            k = static_dim(info, n.input[0], -1)
-            adds += k if k > 0 else 1
-        elif n.op_type in ("Add", "Sub", "Sum"):
-            adds += 1
-        elif n.op_type in ("Mul", "Div") and product:
-            muls += 1
-    return max(adds, float(len(grp.spikes))), muls
+    products = grp.activation_products()
+    if not products:
+        return 0.0
+    after = {o for o in products[0].output}
+    muls = 0.0
+    for n in grp.nodes[grp.nodes.index(products[0]) + 1:]:
+        if any(i in after for i in n.input):
+            after.update(n.output)
+            muls += n.op_type in ("Mul", "Div")
+    return muls

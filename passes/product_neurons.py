@@ -12,8 +12,8 @@ Honest operation count, per output neuron: a product synapse's weight is a run-t
 each synapse costs one multiplication (y times x, or y times step_x per step) and one
 accumulation: K multiplications + K additions for a K-long dot product (QK^T: K = head dim;
 PV: K = context length), 1 + 1 for gate*up, 2 multiplications for x*r*gamma (gamma is a
-constant, but it multiplies the run-time product). These are reported as ``muls``/``adds`` on
-the node and in the compile report's coverage; they are never counted as spikes.
+constant, but it multiplies the run-time product). These are reported on the node (``fan_in``,
+``synapse_muls``, ``muls``; NeuronSpec.ops) and in the compile report's coverage; they are never counted as spikes.
 
 Run time: the node carries the QANN's own float ops as its body and lowers to decode -> those
 ops -> the Corollary-1 quantizer, so it is bit-exact to the QANN as onnxruntime runs it.
@@ -21,7 +21,7 @@ ops -> the Corollary-1 quantizer, so it is bit-exact to the QANN as onnxruntime 
 from __future__ import annotations
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import Group, NeuronRule, count_ops, static_dim, step_kernel
+from ttfsc.passes.neuron_groups import Group, NeuronRule, post_product_muls, static_dim, step_kernel
 
 NONLINEAR = {"Exp", "Log", "ReduceLogSumExp", "Sigmoid", "Erf", "Tanh", "Sqrt", "Pow"}
 
@@ -40,9 +40,9 @@ class ProductToNeuron(NeuronRule):
         etas, cs = zip(*(step_kernel(T, r, s) for T, r, s in zip(kw["windows_in"], kw["t_refs_in"], kw["steps_in"])))
         mm = [n for n in grp.activation_products() if n.op_type == "MatMul"]
         fan_in = static_dim(info, mm[0].input[0], -1) if mm else 1
-        adds, muls = count_ops(grp, info, product=True)
         kw.update(target="matmul" if mm else "mul", eta=tuple(tuple(e) for e in etas), c_offset=tuple(cs),
-                  weights=(), synapse="operand", fan_in=fan_in, adds=adds, muls=muls)
+                  weights=(), synapse="operand", fan_in=fan_in, synapse_muls=1.0,
+                  muls=post_product_muls(grp))
 
 
 class ProductNeurons(Pass):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import Group, NeuronRule, count_ops, static_dim
+from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim
 from ttfsc.ttfs import UniformStage, theorem2_eta
 
 
@@ -36,10 +36,9 @@ class MeanSquareToNeuron(NeuronRule):
         T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
         a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        adds, _ = count_ops(grp, m.nodes["info"], product=False)
         kw.update(target="mean_square", eta=(tuple(theorem2_eta(np.square, a_in, step, T - 1)),),
                   c_offset=(a_in * a_in,), weights=(1.0 / fan_in if fan_in > 0 else 0.0,), synapse="mean",
-                  fan_in=fan_in, adds=adds, muls=0.0)
+                  fan_in=fan_in)
 
 
 class RMSNormNeurons(Pass):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import Group, NeuronRule, count_ops, static_dim
+from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim
 from ttfsc.runtime.ops import EmitSpec
 from ttfsc.ttfs import UniformStage, output_kernels, theorem2_eta
 
@@ -44,10 +44,8 @@ class LogSumExpToNeuron(NeuronRule):
         kw["emit"] = EmitSpec(e.T, e.t_ref, e.step, tuple(float(v) for v in psi), float(theta), e.tie_rule,
                               e.qann_tensor, e.qann_code_min)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        adds, _ = count_ops(grp, m.nodes["info"], product=False)
         kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(np.exp, a_in, step, T - 1)),),
-                  c_offset=(float(np.exp(a_in)),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log",
-                  adds=adds, muls=0.0)
+                  c_offset=(float(np.exp(a_in)),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log")
 
 
 class SoftmaxNeurons(Pass):

@@ -17,8 +17,11 @@ Attributes (two families):
   one constant weight per position)), ``fan_in``, the output function ``h`` (``identity`` or
   ``log``) and the emission ``window``/``t_ref``/``step``/``psi``/``theta``/``tie_rule`` plus
   ``qann_tensor``/``qann_code_min`` (read by EmitSpec.from_node, so stages, latency and the
-  verifier treat a neuron like any other emission). ``adds``/``muls`` count the operations one
-  output neuron costs (see the pass that built it).
+  verifier treat a neuron like any other emission). Operations one output neuron costs:
+  ``fan_in`` accumulations (one per synapse; -1 means the context length), plus
+  ``synapse_muls`` multiplications per synapse (1 when the weight is a run-time activation: a
+  product) and ``muls`` more per neuron (e.g. gamma applied to a run-time product); see
+  :meth:`NeuronSpec.ops`.
 * How it *runs* bit-exactly: ``body`` is the QANN's own float subgraph (inputs: the decoded
   spike inputs, then the side inputs and constants; output: the potential the QANN quantized),
   and for a one-input elementwise neuron ``table`` is its realised function, output spike time
@@ -61,13 +64,18 @@ class NeuronSpec:
     body: onnx.GraphProto
     fan_in: int = 1
     h: str = "identity"
-    adds: float = 0.0
+    synapse_muls: float = 0.0
     muls: float = 0.0
     table: tuple[int, ...] = field(default=())
 
     @property
     def n_spike(self) -> int:
         return len(self.windows_in)
+
+    def ops(self, context: int) -> tuple[float, float]:
+        """(additions, multiplications) per output neuron; a fan-in of -1 is ``context`` keys."""
+        k = self.fan_in if self.fan_in > 0 else context
+        return float(k), k * self.synapse_muls + self.muls
 
     def make_node(self, inputs: list[str], t: str, name: str) -> onnx.NodeProto:
         e = self.emit
@@ -77,7 +85,7 @@ class NeuronSpec:
                   t_refs_in=list(self.t_refs_in), steps_in=list(self.steps_in),
                   eta=[float(v) for k in self.eta for v in k], c_offset=list(self.c_offset),
                   synapse=self.synapse, fan_in=int(self.fan_in), h=self.h,
-                  adds=float(self.adds), muls=float(self.muls), body=self.body)
+                  synapse_muls=float(self.synapse_muls), muls=float(self.muls), body=self.body)
         if self.weights:  # absent for product / per-position synapses (the weight is a run-time value)
             kw["weights"] = [float(v) for v in self.weights]
         if self.table:
@@ -96,7 +104,7 @@ class NeuronSpec:
                    tuple(int(v) for v in a["t_refs_in"]), tuple(float(v) for v in a["steps_in"]), tuple(eta),
                    tuple(float(v) for v in a["c_offset"]), tuple(float(v) for v in a.get("weights", [])),
                    _s(a["synapse"]), a["body"], int(a.get("fan_in", 1)), _s(a.get("h", "identity")),
-                   float(a.get("adds", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])))
+                   float(a.get("synapse_muls", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])))
 
 
 def is_neuron(node: onnx.NodeProto) -> bool:
