@@ -121,6 +121,9 @@ def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: st
         e = emit_spec(n)
         if e is None:
             continue
+        if CODING_OF_EMIT[n.op_type] not in ("ttfs", "rate"):
+            raise TtfscError(f"{snn_path}: stage {n.name} is {CODING_OF_EMIT[n.op_type]}-coded; `ttfsc report` covers "
+                             "TTFS and rate models (compile --coding ttfs or rate from a QDQ model).")
         x = n.input[0] if producers is None else _float_tensor(n.name, e.qann_tensor, producers)
         if isinstance(e, RateEmitSpec):
             rs: object = RateStage(e.threshold, e.zero_point, e.N)
@@ -662,41 +665,54 @@ def _by_kind(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def render_markdown(r: dict, command: str, images: dict[str, str]) -> str:
-    lat, sp, ops, en, err = r["latency"], r["spikes"], r["ops_per_token"], r["energy_pj_per_token"], r["error"]
-    rows = err["stages"]
-    md = [f"# Spiking-model report: `{Path(r['model']).name}`", "", "Command:", "", "```", command, "```", "",
-          f"One run of {r['tokens']} tokens of `{r['text']}`"
-          + (f" (after the model's {r['prefix_tokens']}-token PrefixQuant prefix)" if r["prefix_tokens"] else "")
-          + f"; {r['stages']} {r['coding'].upper()} stages; QANN `{r['qann']}`. Per-token figures are run totals "
-          "divided by the run's tokens (attention's share grows with the context).", ""]
-    md += ["## Latency", ""]
+def _md_header(r: dict, command: str) -> list[str]:
+    return [f"# Spiking-model report: `{Path(r['model']).name}`", "", "Command:", "", "```", command, "```", "",
+            f"One run of {r['tokens']} tokens of `{r['text']}`"
+            + (f" (after the model's {r['prefix_tokens']}-token PrefixQuant prefix)" if r["prefix_tokens"] else "")
+            + f"; {r['stages']} {r['coding'].upper()} stages; QANN `{r['qann']}`. Per-token figures are run totals "
+            "divided by the run's tokens (attention's share grows with the context).", ""]
+
+
+def _md_latency(r: dict, img: str) -> list[str]:
+    lat = r["latency"]
     steps = sorted({s["steps"] for s in lat["per_stage"]})
+    md = ["## Latency", ""]
     md += _table(["quantity", "time steps"], [
         ["steps per stage", "/".join(map(str, steps))],
         ["latency per token (longest chain of stages)", lat["steps_per_token"]],
         ["sum of all stages' steps", lat["sum_of_stage_steps"]],
         ["per-token delay, stages pipelined across tokens", lat["pipelined_steps_per_token"]],
         *[[f"continuous-time conversion, T={T} per stage", v] for T, v in lat["continuous"].items()]])
-    md += ["Pipelined: once every stage works on a different token, a new token leaves every "
-           "max-window steps. That holds for a prompt (prefill) or a batch; autoregressive decoding of one "
-           "sequence still waits the full latency per generated token, since the next input is this output.", "",
-           f"![latency]({images['latency']})", ""]
-    md += ["## Spikes", "",
-           f"{_g(sp['per_token'])} spikes per token from {_g(sp['neurons_per_token'])} neurons: "
-           f"{sp['per_neuron']:.3f} spikes per neuron, {100 * sp['silent_fraction']:.1f}% of neurons silent.", ""]
-    md += _table(["stage family", "stages", "neurons/token", "spikes/token", "spikes/neuron", "silent"],
-                 [[k, len(v), sum(x["neurons_per_token"] for x in v), sum(x["spikes_per_token"] for x in v),
-                   sum(x["spikes_per_token"] for x in v) / max(sum(x["neurons_per_token"] for x in v), 1e-30),
-                   f"{100 * np.mean([x['silent_fraction'] for x in v]):.1f}%"] for k, v in _by_kind(rows).items()])
-    md += [f"![spikes]({images['spikes']})", ""]
-    s, q = ops["snn"], ops["qann"]
-    md += ["## Operations per token", "",
-           "AC: one per incoming spike and synapse (the weight joins the neuron's ramp) plus one per neuron per "
-           "step of its receive and emission windows (an upper bound: a fired neuron could be gated off). MAC: "
-           "every float op still in the graph, counted from the run's shapes (MatMul M*N*K, element-wise 1 per "
-           "element, softmax 3, reduce 1 per input; adds charged as MACs). QANN: dense integer MatMuls on the "
-           "same rows plus the same float ops. Rules: `ttfsc/compiler/energy.py`.", ""]
+    return md + ["Pipelined: once every stage works on a different token, a new token leaves every "
+                 "max-window steps. That holds for a prompt (prefill) or a batch; autoregressive decoding of one "
+                 "sequence still waits the full latency per generated token, since the next input is this output.",
+                 "", f"![latency]({img})", ""]
+
+
+def _md_spikes(r: dict, img: str) -> list[str]:
+    sp, rows = r["spikes"], r["error"]["stages"]
+    md = ["## Spikes", "",
+          f"{_g(sp['per_token'])} spikes per token from {_g(sp['neurons_per_token'])} neurons: "
+          f"{sp['per_neuron']:.3f} spikes per neuron, {100 * sp['silent_fraction']:.1f}% of neurons silent.", ""]
+    fam = []
+    for k, v in _by_kind(rows).items():
+        neurons, spikes = sum(x["neurons_per_token"] for x in v), sum(x["spikes_per_token"] for x in v)
+        fam.append([k, len(v), neurons, spikes, spikes / max(neurons, 1e-30),
+                    f"{100 * np.mean([x['silent_fraction'] for x in v]):.1f}%"])
+    md += _table(["stage family", "stages", "neurons/token", "spikes/token", "spikes/neuron", "silent"], fam)
+    return md + [f"![spikes]({img})", ""]
+
+
+def _md_ops(r: dict) -> list[str]:
+    s, q = r["ops_per_token"]["snn"], r["ops_per_token"]["qann"]
+    md = ["## Operations per token", "",
+          "AC: one per incoming spike and synapse (the weight joins the neuron's ramp) plus one per neuron per "
+          "step of its receive and emission windows (an upper bound: a fired neuron could be gated off). MAC: "
+          "every float op still in the graph, counted from the run's shapes (MatMul M*N*K, element-wise 1 per "
+          "element, softmax 3, reduce 1 per input; adds charged as MACs). Attention counts the graph's full "
+          "score matrix (the export masks future positions rather than skipping them; a causal kernel does about "
+          "half). QANN: dense integer MatMuls on the same rows plus the same float ops. Rules: "
+          "`ttfsc/compiler/energy.py`.", ""]
     md += _table(["quantity per token", "SNN", "QANN"], [
         ["AC, synaptic (spikes x fan-out)", s["ac_synaptic"], 0],
         ["AC, neuron updates per step", s["ac_neuron"], 0],
@@ -704,61 +720,93 @@ def render_markdown(r: dict, command: str, images: dict[str, str]) -> str:
         ["MAC, float ops left in the graph", s["mac_float"], q["mac_float"]],
         ["bits stored/routed (spike times log2 T; activations n bits)", s["move_bits"], q["move_bits"]],
         ["neuron-steps (static energy base)", s["neuron_steps"], 0]])
-    md += _table(["float ops by purpose (both networks)", "MAC per token"],
-                 [[k, v] for k, v in sorted(s["mac_float_by_kind"].items(), key=lambda kv: -kv[1])])
-    c = r["energy_constants_pj"]
-    md += ["## Energy per token", "",
-           f"Constants (pJ): E_AC {c['e_ac']}, E_MAC {c['e_mac']} (QANN weight MatMuls "
-           f"{c['e_mac'] if c['e_mac_dense'] is None else c['e_mac_dense']}), per bit stored/routed {c['e_bit']}, static per "
-           f"neuron per step {c['e_static']} (flags --e-ac, --e-mac, --e-mac-dense, --e-bit, --e-static; defaults: 45 nm, "
-           "Horowitz ISSCC 2014; static 0 = not modelled). Weight reads are not counted (same weights in both).", ""]
+    return md + _table(["float ops by purpose (both networks)", "MAC per token"],
+                       [[k, v] for k, v in sorted(s["mac_float_by_kind"].items(), key=lambda kv: -kv[1])])
+
+
+def _md_energy(r: dict, img: str) -> list[str]:
+    en, c, ip, sp = r["energy_pj_per_token"], r["energy_constants_pj"], r["energy_pj_per_token_int_prices"], r["spikes"]
+    s, q = r["ops_per_token"]["snn"], r["ops_per_token"]["qann"]
+    md = ["## Energy per token", "",
+          f"Constants (pJ): E_AC {c['e_ac']}, E_MAC {c['e_mac']} (QANN weight MatMuls "
+          f"{c['e_mac'] if c['e_mac_dense'] is None else c['e_mac_dense']}), per bit stored/routed {c['e_bit']}, "
+          f"static per neuron per step {c['e_static']} (flags --e-ac, --e-mac, --e-mac-dense, --e-bit, --e-static; "
+          "defaults: 45 nm, Horowitz ISSCC 2014; static 0 = not modelled). Weight reads are not counted (same "
+          "weights in both).", ""]
     names = list(en["snn"]) + [k for k in en["qann"] if k not in en["snn"]]
     md += _table(["line item", "SNN (uJ)", "QANN (uJ)"],
                  [[k, en["snn"].get(k, 0) / 1e6, en["qann"].get(k, 0) / 1e6] for k in names]
                  + [["**total**", en["snn_total"] / 1e6, en["qann_total"] / 1e6]])
-    ip = r["energy_pj_per_token_int_prices"]
-    syn_share = s["ac_synaptic"] / max(q["mac_dense"], 1e-30)
-    md += [f"SNN / QANN energy: {en['snn_total'] / max(en['qann_total'], 1e-30):.3f}.", "",
-           f"Where it comes from: {100 * (1 - sp['silent_fraction']):.1f}% of neurons spike "
-           f"({sp['per_neuron']:.3f} spikes per neuron), so the synaptic ACs are {100 * syn_share:.1f}% of the QANN's "
-           "dense MACs: " + ("the saving is the price of an add against a multiply-add, not sparsity. " if syn_share > 0.5
-                             else "sparsity and the price of an add against a multiply-add both count. ")
-           + "The default constants price the QANN's "
-           "int8 MatMuls as fp32 MACs. At the same source's integer prices (AC = 32-bit integer add "
-           f"{INT_PRICES.e_ac} pJ, QANN MAC = 8-bit multiply + 32-bit accumulate {INT_PRICES.dense} pJ, float ops "
-           f"still {INT_PRICES.e_mac} pJ): SNN {ip['snn_total'] / 1e6:.3g} uJ vs QANN {ip['qann_total'] / 1e6:.3g} uJ "
-           f"per token (ratio {ip['snn_total'] / max(ip['qann_total'], 1e-30):.3f}).", "",
-           f"![energy]({images['energy']})", ""]
-    md += ["## Error against the float network (Theorem 3)", "",
-           f"Float reference: the QANN with its {r['float_reference_pairs_removed']} activation Clip -> "
-           "QuantizeLinear -> DequantizeLinear chains bypassed (float activations, same weights), run on the same "
-           "tokens. At each stage's input tensor x: measured |x_snn - x_float| with x_snn the value the stage's "
-           "spikes stand for; 'input' compares the SNN's potential before its own stage (error carried in "
-           "from upstream), 'own rounding' is mean |x_snn - V_snn|, the stage's own quantization; Theorem 3's clipping term is the mean distance of x_float to the stage's range [a, b] "
-           "(and the share outside it), the grid term step/2 (worst case) and step/sqrt(12) (RMS).", "",
-           f"Logits: mean |SNN - float| {err['logits_mean_abs_diff']:.3g}; next-token NLL on the text: SNN "
-           f"{err['nll_snn']:.3f} (PPL {math.exp(err['nll_snn']):.2f}), float reference {err['nll_float']:.3f} "
-           f"(PPL {math.exp(err['nll_float']):.2f}).", ""]
+    share = s["ac_synaptic"] / max(q["mac_dense"], 1e-30)
+    if share > 1:
+        why = "more weight additions than the QANN has multiply-adds; only the cheaper add can make up for that."
+    elif share > 0.5:
+        why = "any difference in energy is the price of an add against a multiply-add, not sparsity."
+    else:
+        why = "sparsity and the price of an add against a multiply-add both count."
+    return md + [
+        f"SNN / QANN energy: {en['snn_total'] / max(en['qann_total'], 1e-30):.3f}.", "",
+        f"Where it comes from: {100 * (1 - sp['silent_fraction']):.1f}% of neurons spike ({sp['per_neuron']:.3f} "
+        f"spikes per neuron), so the synaptic ACs are {100 * share:.1f}% of the QANN's dense MACs: {why} The "
+        "default constants price the QANN's int8 MatMuls as fp32 MACs. At the same source's integer prices "
+        f"(AC = 32-bit integer add {INT_PRICES.e_ac} pJ, QANN MAC = 8-bit multiply + 32-bit accumulate "
+        f"{INT_PRICES.dense} pJ, float ops still {INT_PRICES.e_mac} pJ): SNN {ip['snn_total'] / 1e6:.3g} uJ vs QANN "
+        f"{ip['qann_total'] / 1e6:.3g} uJ per token (ratio {ip['snn_total'] / max(ip['qann_total'], 1e-30):.3f}).",
+        "", f"![energy]({img})", ""]
+
+
+def _md_error(r: dict, img: str) -> list[str]:
+    err, rows = r["error"], r["error"]["stages"]
+    mean = lambda k, v=rows: float(np.mean([x[k] for x in v]))  # noqa: E731
+    md = ["## Error against the float network (Theorem 3)", "",
+          f"Float reference: the QANN with its {r['float_reference_pairs_removed']} activation Clip -> "
+          "QuantizeLinear -> DequantizeLinear chains bypassed (float activations, same weights), run on the same "
+          "tokens. At each stage's input tensor x: measured |x_snn - x_float| with x_snn the value the stage's "
+          "spikes stand for; 'input err' compares the SNN's potential before its own stage (error carried in "
+          "from upstream); 'own rounding' is mean |x_snn - V_snn|, the stage's own quantization. Theorem 3's "
+          "clipping term is the mean distance of x_float to the stage's range [a, b] (and the share outside it), "
+          "its grid term step/2 (worst case) or step/sqrt(12) (RMS).", "",
+          "Theorem 3 bounds the total error by L*I*max(rho - T/(2 tau), 0) + L*I*G1*G2*Omega/T: clipping plus "
+          f"grid, summed over L layers of I neurons. Here, over all stages, the error carried in averages "
+          f"{mean('err_input_mean'):.3g} against {mean('err_own_mean'):.3g} for a stage's own rounding and "
+          f"{mean('clip_mean'):.3g} for its clipping term: the per-stage error is mostly what earlier stages passed "
+          "on (the bound's L factor), not this stage's grid.", "",
+          f"Logits: mean |SNN - float| {err['logits_mean_abs_diff']:.3g}; next-token NLL on the text: SNN "
+          f"{err['nll_snn']:.3f} (PPL {math.exp(err['nll_snn']):.2f}), float reference {err['nll_float']:.3f} "
+          f"(PPL {math.exp(err['nll_float']):.2f}).", ""]
     md += _table(["stage family", "mean err", "max err", "input err", "own rounding", "grid step/2", "grid RMS",
                   "clip term", "clipped"],
-                 [[k, np.mean([x["err_mean"] for x in v]), max(x["err_max"] for x in v),
-                   np.mean([x["err_input_mean"] for x in v]), np.mean([x["err_own_mean"] for x in v]),
-                   np.mean([x["grid_max"] for x in v]),
-                   np.mean([x["grid_rms"] for x in v]), np.mean([x["clip_mean"] for x in v]),
-                   f"{100 * np.mean([x['clip_share'] for x in v]):.3f}%"] for k, v in _by_kind(rows).items()])
-    md += [f"![error]({images['error']})", ""]
+                 [[k, mean("err_mean", v), max(x["err_max"] for x in v), mean("err_input_mean", v),
+                   mean("err_own_mean", v), mean("grid_max", v), mean("grid_rms", v), mean("clip_mean", v),
+                   f"{100 * mean('clip_share', v):.3f}%"] for k, v in _by_kind(rows).items()])
+    return md + [f"![error]({img})", ""]
+
+
+def _md_trace(r: dict, img: str) -> list[str]:
     t = r["trace"]
-    md += ["## Raster and membrane traces", "",
-           f"Stage `{t['stage']}` (last token of the run) and its reader `{t['receiver']}`, stepped by the reference "
-           f"simulator (`ttfsc.simulator`) with the real potentials, input spike times and weights. The simulator "
-           f"reproduces {t['sim_matches_runtime_spikes']} of {t['neurons']} runtime spike "
-           f"{'counts' if t['coding'] == 'rate' else 'times'}; its receive potentials after {t['N_in']} steps differ "
-           f"from the runtime's by at most {t['receive_max_abs_diff']:.3g} (potentials up to {t['receive_scale']:.3g}).",
-           "", f"![raster]({images['raster']})", ""]
-    md += ["## Per stage", ""]
-    md += _table(["#", "stage", "steps", "spikes/neuron", "silent", "mean err", "max err", "grid step/2", "clip term"],
-                 [[str(i + 1), x["stage"], x["steps"], x["spikes_per_neuron"], f"{100 * x['silent_fraction']:.1f}%",
-                   x["err_mean"], x["err_max"], x["grid_max"], x["clip_mean"]] for i, x in enumerate(rows)])
+    return ["## Raster and membrane traces", "",
+            f"Stage `{t['stage']}` (last token of the run) and its reader `{t['receiver']}`, stepped by the "
+            "reference simulator (`ttfsc.simulator`) with the real potentials, input spike times and weights. The "
+            f"simulator reproduces {t['sim_matches_runtime_spikes']} of {t['neurons']} runtime spike "
+            f"{'counts' if t['coding'] == 'rate' else 'times'}; its receive potentials after {t['N_in']} steps "
+            f"differ from the runtime's by at most {t['receive_max_abs_diff']:.3g} (potentials up to "
+            f"{t['receive_scale']:.3g}).", "", f"![raster]({img})", ""]
+
+
+def _md_stages(r: dict) -> list[str]:
+    return ["## Per stage", ""] + _table(
+        ["#", "stage", "steps", "spikes/neuron", "silent", "mean err", "max err", "input err", "own rounding",
+         "grid step/2", "clip term"],
+        [[str(i + 1), x["stage"], x["steps"], x["spikes_per_neuron"], f"{100 * x['silent_fraction']:.1f}%",
+          x["err_mean"], x["err_max"], x["err_input_mean"], x["err_own_mean"], x["grid_max"], x["clip_mean"]]
+         for i, x in enumerate(r["error"]["stages"])])
+
+
+def render_markdown(r: dict, command: str, images: dict[str, str]) -> str:
+    """report.md: one section per question (latency, spikes, ops, energy, error, traces), per-stage table last."""
+    md = (_md_header(r, command) + _md_latency(r, images["latency"]) + _md_spikes(r, images["spikes"]) + _md_ops(r)
+          + _md_energy(r, images["energy"]) + _md_error(r, images["error"]) + _md_trace(r, images["raster"])
+          + _md_stages(r))
     return "\n".join(md)
 
 
