@@ -37,16 +37,17 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
     """Rewrite ``model`` in place; return one report per pass."""
     if coding not in EMIT_PASSES:
         raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
-    passes = [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass()]
-    if coding == "ttfs":  # they fire only on a fully quantized twin's stage groups (quantize --full)
-        passes += neuron_passes()
-    passes.append(DeadCode())
     reports = []
-    for p in passes:
+    for p in [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass()]:
         try:
             reports.append(p.run(model).as_dict())
         except WindowMismatch as exc:
             raise TtfscError(str(exc)) from None
+    # nonlinear/product neurons exist only in a fully quantized twin (quantize --full): a hybrid
+    # compile runs (and reports) exactly the passes it always did
+    later = neuron_passes() if coding == "ttfs" and has_stage_groups(model) else []
+    for p in later + [DeadCode()]:
+        reports.append(p.run(model).as_dict())
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return reports
@@ -60,8 +61,32 @@ def neuron_passes() -> list:
     from ttfsc.passes.rmsnorm_neurons import RMSNormNeurons
     from ttfsc.passes.shape_of_spikes import ShapeOfSpikes
     from ttfsc.passes.softmax_neurons import SoftmaxNeurons
+    # dead code first: the groups' original float ops must be gone before shapes are re-read
     return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), LinearNeurons(),
-            ShapeOfSpikes()]
+            DeadCode(), ShapeOfSpikes()]
+
+
+def has_stage_groups(model: onnx.ModelProto) -> bool:
+    """Whether any emission is fed by float ops on decoded spikes only (a --full twin's stage group)."""
+    from ttfsc.passes.base import GraphIndex
+    from ttfsc.passes.neuron_groups import extract_group, spike_dependent
+    g = GraphIndex(model)
+    dep = spike_dependent(g)
+    return any(extract_group(g, e, dep) is not None for e in g.nodes if e.domain == DOMAIN and e.op_type == "TTFSEmit")
+
+
+def spiking_coverage(model: onnx.ModelProto, src_dir: str | None) -> tuple[dict, dict]:
+    """Stages per decoder block, and which block ops are TTFS neurons (compiler/coverage.py).
+
+    The op counts need one probe forward of the compiled model; if it cannot run (a graph that
+    is not an exported LLM and has dynamic inputs), the report says why instead.
+    """
+    from ttfsc.compiler.coverage import coverage, stages_per_block
+    try:
+        cov = coverage(model, src_dir)
+    except Exception as exc:  # noqa: BLE001 - a report field, never a reason to fail the compile
+        cov = {"unavailable": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return stages_per_block(model), cov
 
 
 def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:
@@ -159,6 +184,7 @@ def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool
     _check_rewritten(model, model_path)
     report["stages"] = stages(model)
     report["latency_steps_per_token"] = latency_per_token(model)
+    report["stages_per_block"], report["coverage"] = spiking_coverage(model, src_dir)
     _set_meta(model, T, coding)
     save_model(model, out_path)
     _check_saved(out_path, model_path)
@@ -233,4 +259,8 @@ def compile_cli(args) -> int:
     print(f"compiled {args.model} -> {args.output}: {len(report['stages'])} {kind}, "
           f"latency {report['latency_steps_per_token']} time steps per token; rewrites {rewritten}; "
           f"{report['compile_seconds']} s")
+    cov = report.get("coverage", {})
+    if "ttfs_share_of_ops" in cov:
+        print(f"spiking coverage of the decoder blocks: {cov['ttfs_share_of_ops']:.1%} of operations in TTFS "
+              f"neurons; standard ops left on activations: {cov['standard_ops_on_activations'] or 'none'}")
     return 0

@@ -1,7 +1,8 @@
-"""Pass: Shape(TTFSDecode(t)) ==> Shape(t).
+"""Pass: Shape([wiring of] TTFSDecode(t)) ==> Shape([wiring of] t).
 
-The export computes reshape targets from the shapes of activations. A spike-time tensor has
-the shape of the values it encodes, so such a Shape can read the times directly; the decode
+The export computes reshape targets from the shapes of activations, sometimes after a
+Reshape/Transpose/Expand chain. A spike-time tensor has the shape of the values it encodes and
+wiring moves times as it moves values, so such a chain can read the times directly; the decode
 then has no consumer left and dead-code removes it (no float decoding kept alive for a shape).
 """
 from __future__ import annotations
@@ -11,16 +12,31 @@ from ttfsc.runtime.ops import DECODE
 from ttfsc.ttfs import DOMAIN
 
 
+SHAPES = ("Shape", "Size")
+WIRING = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten")
+
+
+def only_shapes_read(g: GraphIndex, node, depth: int = 8) -> bool:
+    """Every value ``node`` produces ends in a Shape/Size, through wiring only."""
+    if node.op_type in SHAPES:
+        return True
+    if node.op_type not in WIRING or depth == 0 or node.output[0] in g.graph_outputs:
+        return False
+    users = g.consumers.get(node.output[0], [])
+    return bool(users) and all(u.input[0] == node.output[0] and only_shapes_read(g, u, depth - 1) for u in users)
+
+
 class ShapeOfSpikeTimes(Rule):
     name = "ShapeOfSpikeTimes"
 
     def pattern(self, g: GraphIndex) -> list[Match]:
         out = []
         for n in list(g.nodes):
-            if n.op_type in ("Shape", "Size") and not n.domain:
-                p = g.producer.get(n.input[0])
-                if p is not None and p.domain == DOMAIN and p.op_type == DECODE:
-                    out.append(Match(n, {"decode": p}))
+            if n.domain or not n.input or not only_shapes_read(g, n):
+                continue
+            p = g.producer.get(n.input[0])
+            if p is not None and p.domain == DOMAIN and p.op_type == DECODE:
+                out.append(Match(n, {"decode": p}))
         return out
 
     def rewrite(self, g: GraphIndex, m: Match) -> None:

@@ -27,8 +27,9 @@ B, S, D = 2, 5, 16
 class Builder:
     """Collects nodes/initializers of a QDQ graph with n-bit per-tensor activation stages."""
 
-    def __init__(self, bits: int = 6, seed: int = 0):
+    def __init__(self, bits: int = 6, seed: int = 0, prefix: str = ""):
         self.N = (1 << bits) - 1
+        self.prefix = prefix  # e.g. "/model/layers.0/": puts the nodes in a decoder block
         self.nodes, self.inits, self.inputs, self.feeds = [], [], [], {}
         self.rng = np.random.default_rng(seed)
 
@@ -43,7 +44,7 @@ class Builder:
         return name
 
     def op(self, op_type: str, inputs: list[str], out: str, **kw) -> str:
-        self.nodes.append(h.make_node(op_type, inputs, [out], name=out, **kw))
+        self.nodes.append(h.make_node(op_type, inputs, [out], name=self.prefix + out, **kw))
         return out
 
     def qdq(self, x: str, name: str, lo: float, hi: float) -> str:
@@ -310,3 +311,45 @@ def test_group_fed_by_a_reception_is_not_a_neuron():
     snn, _ = compile_full(qann, 64)
     assert not neurons(snn) and any(n.op_type == "TTFSReceive" for n in snn.graph.node)
     assert_bit_exact(qann, snn, b.feeds, out)
+
+
+# ------------------------------------------------------------------ coverage and operation counts
+
+def _silu_block(per_channel: bool) -> tuple[onnx.ModelProto, dict, str]:
+    b = Builder(6, prefix="/model/layers.0/")
+    x = _act(b, "x", (B, S, D), -6, 4)
+    v = b.op("Mul", [x, b.op("Sigmoid", [x], "sig")], "silu")
+    if per_channel:
+        v = b.op("Mul", [v, b.const("gamma", b.rng.uniform(0.5, 1.5, D).astype(np.float32))], "silu_g")
+    out = _out_stage(b, v)
+    return b.model([out]), b.feeds, out
+
+
+def test_coverage_full_block_is_all_ttfs():
+    from ttfsc.compiler.coverage import coverage, stages_per_block
+    snn, _ = compile_full(_silu_block(False)[0], 64)
+    cov = coverage(snn)
+    assert cov["decoder_blocks"] == 1 and cov["standard_ops_on_activations"] == {}
+    assert cov["ttfs_share_of_ops"] == 1.0 and cov["ttfs_ops"]["TTFSNeuron"] == 1
+    # one synapse per SiLU neuron: B*S*D accumulations over the probe's one "token"
+    assert cov["ops_per_token"]["ttfs"]["adds"] == B * S * D
+    assert stages_per_block(snn) == {"0": {"stages": 2, "steps": 128}}
+
+
+def test_coverage_reports_standard_ops_left():
+    from ttfsc.compiler.coverage import coverage
+    snn, _ = compile_full(_silu_block(True)[0], 64)
+    cov = coverage(snn)
+    assert set(cov["standard_ops_on_activations"]) == {"Sigmoid", "Mul"}
+    assert 0.0 <= cov["ttfs_share_of_ops"] < 1.0
+
+
+@pytest.mark.parametrize("group,fan_in,synapse_muls,muls", [
+    ("silu", 1, 0, 0), ("mean_square", D, 0, 0), ("residual", 2, 0, 0), ("rotary", 2, 0, 0),
+    ("mul", 1, 1, 0), ("rms_product", 1, 1, 1), ("qk", D // H, 1, 1), ("pv", K, 1, 0), ("lse", K, 0, 0)])
+def test_operation_counts(group, fan_in, synapse_muls, muls):
+    """Products cost a multiply per synapse (never hidden); nonlinear kernels and fixed weights do not."""
+    snn, _ = compile_full(build(group, 6)[0], 64)
+    spec = NeuronSpec.from_node(neurons(snn)[0])
+    assert (spec.fan_in, spec.synapse_muls, spec.muls) == (fan_in, synapse_muls, muls)
+    assert spec.ops(context=99) == (fan_in, fan_in * synapse_muls + muls)
