@@ -53,19 +53,27 @@ class Model:
         return int(self.gen.max_positions) - self.gen.prefix_cost()["tokens"]
 
 
-def open_model(model_path: str | Path, bos: str = "auto") -> Model:
+def open_model(model_path: str | Path, bos: str = "auto", threads: int = 0) -> Model:
     """Open ``model_path`` (float, QDQ or spiking) with the tokenizer and prefix beside it.
 
     ``bos``: "auto" follows each tokenizer family's convention, which is also what our earlier
     benchmarks did: llama2.c models always start with BOS; Hugging Face tokenizers are used as
     lm-evaluation-harness uses them (no special tokens added). "yes"/"no" force it.
+    ``threads``: onnxruntime intra-op threads (0 = its default, one per core). Threads never spin
+    while waiting: on a shared machine spinning threads made every forward 2-3x slower.
     """
-    from ttfsc.runtime.generate import Generator, open_model_session
+    from ttfsc.runtime.generate import Generator
+    from ttfsc.runtime.session import default_options, open_session
     from ttfsc.runtime.tokenizer import Llama2cTokenizer, load_tokenizer
     if bos not in BOS_CHOICES:
         raise TtfscError(f"--bos {bos!r}: give one of {', '.join(BOS_CHOICES)}.")
     path = Path(model_path)
-    session = open_model_session(path)
+    if not path.is_file():
+        raise TtfscError(f"{path}: no such model file. Give the path of an .onnx model (float, QDQ or spiking).")
+    so = default_options()
+    so.intra_op_num_threads = max(0, int(threads))
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = open_session(path, so)
     tok = load_tokenizer(path)
     use_bos = isinstance(tok, Llama2cTokenizer) if bos == "auto" else bos == "yes"
     return Model(path, Generator(session, path.parent), tok, use_bos)
@@ -222,6 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
                    help="start texts with BOS: auto = llama2.c models yes, Hugging Face tokenizers no (lm-eval)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
 
@@ -231,7 +240,7 @@ def cli(args: argparse.Namespace) -> int:
     from ttfsc.compiler import tasks as T
     specs = [(name, T.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
-    model = open_model(args.model, args.bos)
+    model = open_model(args.model, args.bos, args.threads)
     result: dict[str, Any] = {"model": str(args.model), "bos": model.bos, "ppl": {}, "tasks": {}}
     for name, text in corpora:
         result["ppl"][name] = corpus_perplexity(model, text, args.seqlen, args.windows, args.seed, args.first,

@@ -334,7 +334,8 @@ def item_metrics(item: Item, results: Sequence[tuple[float, bool]], kind: str) -
     if kind == "lambada":
         return {"acc": float(results[0][1]), "ll": float(lls[0])}
     norm = lls / np.maximum(np.asarray(item.norm_bytes, dtype=np.float64), 1.0)
-    return {"acc": float(np.argmax(lls) == item.gold), "acc_norm": float(np.argmax(norm) == item.gold)}
+    return {"acc": float(np.argmax(lls) == item.gold), "acc_norm": float(np.argmax(norm) == item.gold),
+            "pred": int(np.argmax(lls)), "pred_norm": int(np.argmax(norm))}
 
 
 def aggregate(per_item: Sequence[dict[str, float]], kind: str) -> dict[str, Any]:
@@ -346,6 +347,9 @@ def aggregate(per_item: Sequence[dict[str, float]], kind: str) -> dict[str, Any]
             out[metric], out[f"{metric}_stderr"] = float(np.mean(vals)), mean_stderr(vals)
     if kind == "lambada":
         out["ppl"] = math.exp(-float(np.mean([m["ll"] for m in per_item])))
+    else:  # per-item answers, so that two models (a QANN and its SNN) can be compared item by item
+        out["preds"] = [m["pred"] for m in per_item]
+        out["preds_norm"] = [m["pred_norm"] for m in per_item]
     return out
 
 
