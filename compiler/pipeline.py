@@ -56,13 +56,14 @@ def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, 
 def neuron_passes() -> list:
     """The passes that turn a --full twin's nonlinear/product/residual/rotary groups into neurons."""
     from ttfsc.passes.elementwise_neurons import ElementwiseNeurons
+    from ttfsc.passes.kv_relay import KvRelay
     from ttfsc.passes.linear_neurons import LinearNeurons
     from ttfsc.passes.product_neurons import ProductNeurons
     from ttfsc.passes.rmsnorm_neurons import RMSNormNeurons
     from ttfsc.passes.shape_of_spikes import ShapeOfSpikes
     from ttfsc.passes.softmax_neurons import SoftmaxNeurons
     # dead code first: the groups' original float ops must be gone before shapes are re-read
-    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), LinearNeurons(),
+    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), KvRelay(), LinearNeurons(),
             DeadCode(), ShapeOfSpikes()]
 
 

@@ -60,8 +60,8 @@ def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
     probes = []
     for n in snn.graph.node:
         e = emit_spec(n)
-        if e is None:
-            continue
+        if e is None or _attr(n, "role") == b"kv_past":
+            continue  # a KV-cache past encoder: part of a cache tensor, checked through its readers
         q = producers.get(e.qann_tensor)
         if q is None or q.op_type != "QuantizeLinear":
             raise TtfscError(f"stage {n.name}: the QDQ model has no QuantizeLinear producing {e.qann_tensor!r}; "
@@ -72,6 +72,10 @@ def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
     if not probes:
         raise TtfscError("the spiking model has no TTFSEmit stage (nor RateEmit); compile it with `ttfsc compile`.")
     return probes
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

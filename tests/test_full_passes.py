@@ -353,3 +353,36 @@ def test_operation_counts(group, fan_in, synapse_muls, muls):
     spec = NeuronSpec.from_node(neurons(snn)[0])
     assert (spec.fan_in, spec.synapse_muls, spec.muls) == (fan_in, synapse_muls, muls)
     assert spec.ops(context=99) == (fan_in, fan_in * synapse_muls + muls)
+
+
+# ------------------------------------------------------------------ KV-cache relay (fewer stages)
+
+def _kv(same_grid: bool) -> tuple[onnx.ModelProto, dict, str]:
+    b = Builder(6)
+    v = kv_concat(b)
+    out = b.qdq(v, "out", -3, 3) if same_grid else _out_stage(b, v)
+    return b.model([out]), b.feeds, out
+
+
+def test_kv_cache_on_the_same_grid_is_a_relay():
+    from ttfsc.compiler.pipeline import latency_per_token
+    qann, feeds, out = _kv(True)
+    snn, reports = compile_full(qann, 64)
+    rep = next(r for r in reports if r["pass"] == "kv_relay")
+    assert rep["rewritten"] == {"KvCacheRelay": 1} and not neurons(snn)
+    roles = [a.s for n in snn.graph.node for a in n.attribute if a.name == "role"]
+    assert roles == [b"kv_past"]
+    assert {n.op_type for n in snn.graph.node} <= {EMIT, DECODE, "Concat"}
+    assert_bit_exact(qann, snn, feeds, out)
+    assert latency_per_token(snn) == 64  # k's stage with the past encoder beside it: no cache stage
+
+
+def test_kv_cache_on_another_grid_stays_a_neuron():
+    qann, feeds, out = _kv(False)
+    snn, reports = compile_full(qann, 64)
+    rep = next(r for r in reports if r["pass"] == "kv_relay")
+    assert rep["rewritten"] == {} and "another grid" in rep["skipped"][0]["reason"]
+    assert [NeuronSpec.from_node(n).target for n in neurons(snn)] == ["concat"]
+    assert_bit_exact(qann, snn, feeds, out)
+    from ttfsc.compiler.pipeline import latency_per_token
+    assert latency_per_token(snn) == 128  # k's stage, then the cache's
