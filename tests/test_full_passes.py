@@ -386,3 +386,29 @@ def test_kv_cache_on_another_grid_stays_a_neuron():
     assert_bit_exact(qann, snn, feeds, out)
     from ttfsc.compiler.pipeline import latency_per_token
     assert latency_per_token(snn) == 128  # k's stage, then the cache's
+
+
+# ------------------------------------------------------------------ end to end on the tiny LLaMA
+
+def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
+    """quantize --full -> compile: every decoder group is a neuron, verify 0 mismatches, Theorem 1 OK."""
+    import inspect as pyinspect
+    from ttfsc.compiler.inspect import inspect_neurons
+    from ttfsc.compiler.modelio import load_model
+    from ttfsc.compiler.pipeline import compile_model
+    from ttfsc.compiler.quantize import quantize_model
+    from ttfsc.compiler.verify import verify
+    if "full" not in pyinspect.signature(quantize_model).parameters:
+        pytest.skip("quantize --full is not in this checkout")
+    qdq, snn = tmp_path / "full.qdq.onnx", tmp_path / "full.snn.onnx"
+    quantize_model(tiny_llama_onnx, qdq, abits=6, full=True, calib_samples=1, calib_seqlen=16, prefix="none",
+                   log=lambda *a: None)
+    rep = compile_model(str(qdq), str(snn), 64, log=lambda *a: None)
+    cov = rep["coverage"]
+    assert cov["standard_ops_on_activations"] == {} and cov["ttfs_share_of_ops"] == 1.0
+    assert rep["stages_per_block"]["0"]["stages"] > 10
+    r = verify(str(qdq), str(snn), tokens=8)
+    assert r["total"]["mismatch"] == 0 and r["greedy"]["identical"]
+    ins = inspect_neurons(load_model(snn), samples=64)
+    assert ins["ok"] and {n["kind"] for n in ins["neurons"]} == {"elementwise", "mean_square", "lse", "product",
+                                                                  "linear"}
