@@ -15,6 +15,12 @@ A code that differs where the float64 potential lies within ``BOUNDARY`` output 
 rounding boundary (half-way between two levels) is counted apart as a *boundary* case: the
 float64 kernels and the QANN's float32 arithmetic (or an exact tie) may round either way there.
 Any other difference is a real mismatch, and the command exits 1.
+
+Known limit (measured, tests/test_inspect.py): a log-sum-exp neuron's log output kernel must
+resolve ``theta - S[k] = exp(-(b - a))`` next to ``theta``; in float64 that holds for output
+ranges up to ~36 e-folds (the kernels are scaled by exp(b') and stored in float64). A wider LSE
+range shows up here as mismatches at its lowest codes: a property of Eq. 7's exp/log kernels
+in floating point, not of the run-time neuron, which executes the QANN's own ops.
 """
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ The LSE neuron (the paper's Corollary 4): K synapses (the keys) whose input kern
 f = exp on the input grid (Theorem 2), weight 1, so the potential at t_emit is sum_j exp(s_j);
 its output kernel comes from h = log: ``psi(v) = exp(b' - v*step) - exp(b' - (v+1)*step)``,
 ``theta = exp(b')`` with ``b' = b - step/2`` (ttfs.output_kernels), so it fires at the first k
-with log(V) >= b - (k + 1/2)*step: log of the sum, rounded to the output grid. A masked key
+with log(V) >= b - (k + 1/2)*step: log of the sum, rounded to the output grid. Every kernel is
+divided by exp(b') (the potential is counted in units of exp(b'): a common factor of all
+kernels and the threshold changes nothing in Eq. 7), so theta = 1 and the kernels stay within
+float range whatever the score range; they are stored in float64 (runtime/neuron.py). A masked key
 (the QANN adds -inf or a large negative bias before the reduction) contributes exp(-inf) = 0:
 in the body the mask is a side input added exactly as the QANN adds it.
 
@@ -40,12 +43,17 @@ class LogSumExpToNeuron(NeuronRule):
         a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
         e: EmitSpec = kw["emit"]
         out = UniformStage(e.step, e.N - e.t_ref, e.T)
-        psi, theta = output_kernels(np.exp, float(out.b), float(out.step), out.N)
+        unit = float(out.b) - float(out.step) / 2  # potentials in units of exp(b')
+
+        def exp_u(x: np.ndarray) -> np.ndarray:
+            return np.exp(x - unit)
+
+        psi, theta = output_kernels(exp_u, float(out.b), float(out.step), out.N)
         kw["emit"] = EmitSpec(e.T, e.t_ref, e.step, tuple(float(v) for v in psi), float(theta), e.tie_rule,
                               e.qann_tensor, e.qann_code_min)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(np.exp, a_in, step, T - 1)),),
-                  c_offset=(float(np.exp(a_in)),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log")
+        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(exp_u, a_in, step, T - 1)),),
+                  c_offset=(float(exp_u(np.float64(a_in))),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log")
 
 
 class SoftmaxNeurons(Pass):

@@ -32,10 +32,17 @@ otherwise decode the spike inputs (DequantizeLinear on times, as TTFSDecode), ru
 emit through the Corollary-1 quantizer of the output grid. ``core.ttfs.realised_function``
 (Theorem 1) computes what ``eta``/``psi``/``theta``/``c_offset`` realise, and ``ttfsc inspect
 --neurons`` checks it against the table / target.
+
+Precision: ONNX float attributes are float32, too coarse for kernels of a wide dynamic range
+(log-sum-exp's exp/log kernels span many e-folds). The kernels are therefore also stored in
+float64 as ``eta_f64``, ``c_offset_f64``, ``psi_f64``, ``theta_f64``: integer lists holding the
+doubles' IEEE bit patterns (an INTS attribute is lossless and, unlike a tensor attribute, never
+moved to the external data file), which :meth:`NeuronSpec.from_node` prefers; the float32 lists
+stay for readers of the graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -86,6 +93,9 @@ class NeuronSpec:
                   eta=[float(v) for k in self.eta for v in k], c_offset=list(self.c_offset),
                   synapse=self.synapse, fan_in=int(self.fan_in), h=self.h,
                   synapse_muls=float(self.synapse_muls), muls=float(self.muls), body=self.body)
+        kw.update(eta_f64=_f64([v for k in self.eta for v in k], "eta_f64"),
+                  c_offset_f64=_f64(self.c_offset, "c_offset_f64"), psi_f64=_f64(e.psi, "psi_f64"),
+                  theta_f64=_f64([e.theta], "theta_f64"))
         if self.weights:  # absent for product / per-position synapses (the weight is a run-time value)
             kw["weights"] = [float(v) for v in self.weights]
         if self.table:
@@ -96,15 +106,29 @@ class NeuronSpec:
     def from_node(cls, node: onnx.NodeProto) -> "NeuronSpec":
         a = attrs(node)
         wins = tuple(int(v) for v in a["windows_in"])
-        flat, eta, i = list(a["eta"]), [], 0
+        flat, eta, i = _read64(a, "eta"), [], 0
         for T in wins:
             eta.append(tuple(flat[i:i + T - 1]))
             i += T - 1
-        return cls(EmitSpec.from_node(node), _s(a["kind"]), _s(a["target"]), wins,
+        emit = replace(EmitSpec.from_node(node), psi=tuple(_read64(a, "psi")), theta=_read64(a, "theta")[0])
+        return cls(emit, _s(a["kind"]), _s(a["target"]), wins,
                    tuple(int(v) for v in a["t_refs_in"]), tuple(float(v) for v in a["steps_in"]), tuple(eta),
-                   tuple(float(v) for v in a["c_offset"]), tuple(float(v) for v in a.get("weights", [])),
+                   tuple(_read64(a, "c_offset")), tuple(float(v) for v in a.get("weights", [])),
                    _s(a["synapse"]), a["body"], int(a.get("fan_in", 1)), _s(a.get("h", "identity")),
                    float(a.get("synapse_muls", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])))
+
+
+def _f64(values, name: str) -> list[int]:
+    """Doubles as their int64 bit patterns (lossless in an INTS attribute)."""
+    return [int(v) for v in np.asarray(values, dtype=np.float64).reshape(-1).view(np.int64)]
+
+
+def _read64(a: dict, name: str) -> list[float]:
+    """A kernel in float64 when the node has it (``<name>_f64``), else its float32 attribute."""
+    if f"{name}_f64" in a:
+        return [float(v) for v in np.asarray(a[f"{name}_f64"], dtype=np.int64).view(np.float64)]
+    v = a[name]
+    return [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
 
 
 def is_neuron(node: onnx.NodeProto) -> bool:

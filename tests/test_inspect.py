@@ -31,10 +31,28 @@ def test_inspect_every_neuron_kind(group):
     assert r["checked"] >= 64 and r["mismatch"] == 0 and r["max_code_error"] <= 1
 
 
+@pytest.mark.parametrize("span,ok", [(12, True), (30, False)])
+def test_wide_range_log_sum_exp_kernels(span, ok):
+    """8-bit scores over [-span, span]. The log kernel needs theta - S[k] = exp(-(b - k*step)) resolved
+    next to theta: up to ~36 e-folds of output range in float64 (scaled by exp(b'), it holds at
+    span 12); a 49 e-fold range (span 30) is beyond any float64 Eq. 7 neuron and inspect says so."""
+    from test_full_passes import Builder, _act, _mask, _out_stage
+    b = Builder(8, seed=3)
+    s = _act(b, "s", (2, 2, 5, 6), -span, span)
+    v = b.op("ReduceLogSumExp", [b.op("Add", [s, _mask(b)], "m"), b.const("ax", np.array([-1], np.int64))],
+             "lse", keepdims=1)
+    snn, _ = compile_full(b.model([_out_stage(b, v)]), 256)
+    rep = inspect_neurons(snn, samples=2048)
+    assert rep["neurons"][0]["kind"] == "lse" and rep["total"]["checked"] == 2048
+    assert rep["ok"] is ok
+
+
 def _replace_attr(node: onnx.NodeProto, name: str, value) -> None:
-    keep = [a for a in node.attribute if a.name != name]
+    """Set a kernel attribute, in float32 and in its float64 copy (the one the spec reads)."""
+    keep = [a for a in node.attribute if a.name not in (name, f"{name}_f64")]
     del node.attribute[:]
-    node.attribute.extend(keep + [h.make_attribute(name, value)])
+    f64 = [int(v) for v in np.asarray(value, dtype=np.float64).reshape(-1).view(np.int64)]
+    node.attribute.extend(keep + [h.make_attribute(name, value), h.make_attribute(f"{name}_f64", f64)])
 
 
 def test_wrong_kernels_are_caught():
