@@ -489,19 +489,27 @@ def plot_latency(rows: list[dict], folder: Path) -> str:
     return _save(fig, folder / "latency.png")
 
 
+def _short(kind: str) -> str:
+    """A legend label for a stage family (matplotlib hides labels that start with '_')."""
+    return re.sub(r"^model_|_output_0$", "", kind).lstrip("_")[-48:]
+
+
 def plot_spikes(rows: list[dict], folder: Path) -> str:
     plt = _plt()
     x = np.arange(1, len(rows) + 1)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    for k in kinds:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k in dict.fromkeys(r["kind"] for r in rows):
         sel = [i for i, r in enumerate(rows) if r["kind"] == k]
-        ax1.plot(x[sel], [rows[i]["spikes_per_neuron"] for i in sel], "o", ms=3, label=k[-40:])
-        ax2.plot(x[sel], [rows[i]["silent_fraction"] for i in sel], "o", ms=3)
+        ax1.plot(x[sel], [rows[i]["spikes_per_neuron"] for i in sel], "o", ms=3, label=_short(k))
+        ax2.plot(x[sel], [100 * rows[i]["silent_fraction"] for i in sel], "o", ms=3)
     ax1.set(xlabel="stage", ylabel="spikes per neuron per token", title="spikes per neuron")
-    ax2.set(xlabel="stage", ylabel="silent fraction", title="neurons that never fire", ylim=(0, 1))
-    ax1.legend(fontsize=6)
-    return _save(fig, folder / "spikes.png")
+    ax2.set(xlabel="stage", ylabel="silent neurons (%)", title="neurons that never fire")
+    ax2.set_ylim(bottom=0)
+    fig.legend(fontsize=7, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(folder / "spikes.png", dpi=90)
+    plt.close(fig)
+    return "spikes.png"
 
 
 def plot_energy(snn_lines: dict, qann_lines: dict, folder: Path) -> str:
