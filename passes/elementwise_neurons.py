@@ -13,9 +13,9 @@ are exactly the QANN's; the kernels describe the unmasked function.
 Run time: the neuron's realised function is a map from input spike time to output spike time,
 at most 2^n entries. It is obtained by running the QANN's own DQ -> ops -> Q on every input
 time in onnxruntime, and the node is lowered to one Gather on that table: bit-exact to the
-QANN by construction, and no float arithmetic at all (0 additions, 0 multiplications per
-neuron; one table lookup, which is what a hardware TTFS neuron with this eta/psi does by
-integrating eta over the window: one addition of eta(u) per time step after the input spike).
+QANN by construction, and no float arithmetic at run time. Counted cost per neuron: one
+accumulation (its one synapse), no multiplication: a hardware neuron with this eta integrates
+it over the window after the input spike exactly as it would a step kernel.
 ``ttfsc inspect --neurons`` checks (Theorem 1) that the kernels realise the same table except
 where the float64 target and the QANN's float32 kernels straddle a rounding boundary.
 """

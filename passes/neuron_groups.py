@@ -48,6 +48,7 @@ class Group:
     spikes: list[tuple[str, str, onnx.NodeProto]] = field(default_factory=list)  # (decoded, times, decode)
     sides: list[str] = field(default_factory=list)
     consts: list[str] = field(default_factory=list)
+    const_values: dict = field(default_factory=dict)
 
     @property
     def op_types(self) -> list[str]:
@@ -105,6 +106,7 @@ def extract_group(g: GraphIndex, emit: onnx.NodeProto, dep: set[str]) -> Group |
         p = g.producer.get(x)
         if g.is_const(x):
             grp.consts.append(x)
+            grp.const_values[x] = g.const(x)
         elif p is not None and p.domain == DOMAIN and p.op_type == DECODE:
             grp.spikes.append((x, p.input[0], p))
         elif x not in dep and (p is None or p.op_type != "Constant"):
@@ -350,5 +352,11 @@ def post_product_muls(grp: Group) -> float:
     for n in grp.nodes[grp.nodes.index(products[0]) + 1:]:
         if any(i in after for i in n.input):
             after.update(n.output)
-            muls += n.op_type in ("Mul", "Div")
+            muls += n.op_type in ("Mul", "Div") and not _times_one(grp, n)
     return muls
+
+
+def _times_one(grp: Group, n: onnx.NodeProto) -> bool:
+    """A multiply by a constant that is all ones (gamma after a rotation folded it away): no op."""
+    consts = [i for i in n.input if i in grp.consts]
+    return n.op_type == "Mul" and len(consts) == 1 and bool(np.all(grp.const_values.get(consts[0], 0) == 1))

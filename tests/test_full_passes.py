@@ -165,6 +165,12 @@ def rms_product(b: Builder) -> str:
     return b.op("Mul", [b.op("Mul", [x, r], "xr"), gamma], "xrg")
 
 
+def rms_product_unit(b: Builder) -> str:
+    """x*r*gamma with gamma = ones (what a rotation leaves): the gamma multiply is no operation."""
+    x, r = _act(b, "x", (B, S, D), -3, 3), _act(b, "r", (B, S, 1), 0.2, 2)
+    return b.op("Mul", [b.op("Mul", [x, r], "xr"), b.const("gamma", np.ones(D, np.float32))], "xrg")
+
+
 def qk(b: Builder) -> str:
     """Q.K^T / sqrt(d) with head reshapes and a transpose between the DQs and the MatMul."""
     q, k = _act(b, "q", (B, S, D), -3, 3), _act(b, "k", (B, K, D), -3, 3)
@@ -202,11 +208,11 @@ def rotary(b: Builder) -> str:
 
 GROUPS = {"silu": silu, "exp": exp, "rsqrt": rsqrt, "gelu": gelu, "mean_square": mean_square, "lse": lse,
           "lse_decomposed": lse_decomposed, "diff": diff, "mul": mul, "rms_product": rms_product, "qk": qk,
-          "pv": pv, "residual": residual, "rotary": rotary, "exp_masked": exp_masked, "kv_concat": kv_concat}
+          "pv": pv, "rms_product_unit": rms_product_unit, "residual": residual, "rotary": rotary, "exp_masked": exp_masked, "kv_concat": kv_concat}
 #: kind and target each builder's group must compile to
 EXPECTED = {"mean_square": ("mean_square", "mean_square"), "lse": ("lse", "log_sum_exp"),
             "lse_decomposed": ("lse", "log_sum_exp"), "diff": ("linear", "sub"), "mul": ("product", "mul"),
-            "rms_product": ("product", "mul"), "qk": ("product", "matmul"), "pv": ("product", "matmul"),
+            "rms_product": ("product", "mul"), "rms_product_unit": ("product", "mul"), "qk": ("product", "matmul"), "pv": ("product", "matmul"),
             "residual": ("linear", "add"), "rotary": ("linear", "rotary"),
             "exp_masked": ("elementwise", "exp"), "kv_concat": ("linear", "concat")}
 
@@ -346,7 +352,7 @@ def test_coverage_reports_standard_ops_left():
 
 @pytest.mark.parametrize("group,fan_in,synapse_muls,muls", [
     ("silu", 1, 0, 0), ("mean_square", D, 0, 0), ("residual", 2, 0, 0), ("rotary", 2, 0, 0),
-    ("mul", 1, 1, 0), ("rms_product", 1, 1, 1), ("qk", D // H, 1, 1), ("pv", K, 1, 0), ("lse", K, 0, 0)])
+    ("mul", 1, 1, 0), ("rms_product", 1, 1, 1), ("rms_product_unit", 1, 1, 0), ("qk", D // H, 1, 1), ("pv", K, 1, 0), ("lse", K, 0, 0)])
 def test_operation_counts(group, fan_in, synapse_muls, muls):
     """Products cost a multiply per synapse (never hidden); nonlinear kernels and fixed weights do not."""
     snn, _ = compile_full(build(group, 6)[0], 64)
