@@ -28,6 +28,9 @@ def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) ->
                    help="rotate the residual stream before calibrating (QuaRot-style, function-preserving); "
                         "auto: hadamard (and --smooth) for a recognised LLaMA decoder, nothing for other graphs")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
+    p.add_argument("--online-hadamard", default="auto", choices=("auto", "on", "off"),
+                   help="a float Hadamard (factored, ~n*(sqrt(n)+m) multiplies) before every down_proj input, "
+                        "which the residual rotation cannot reach; auto: with --rotate hadamard, not with --full")
     p.add_argument("--abits-for", action="append", metavar="PATTERN=BITS",
                    help="another activation width for tensors whose name contains PATTERN (repeatable); "
                         "compile such a model with -T auto to keep each stage's window")

@@ -240,7 +240,7 @@ def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
 
 # quantize's options that compile forwards when it has to quantize a float model first
 QUANT_OPTIONS = ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen", "prefix",
-                 "rotate", "rotate_seed", "smooth", "abits_for")
+                 "rotate", "rotate_seed", "smooth", "abits_for", "online_hadamard")
 
 
 def compile_cli(args) -> int:

@@ -75,7 +75,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.rotate import KINDS as ROTATIONS, analyse, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
+from ttfsc.compiler.rotate import ONLINE_TRANSFORM_SUFFIX, KINDS as ROTATIONS, rotate_down_inputs, analyse, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
@@ -96,6 +96,7 @@ BLOCK_BYTES = 64 << 20  # weight rows processed at once (float32 bytes)
 DEFAULT_BOS = 1
 ROTATE_AUTO = "hadamard"  # what --rotate auto applies to a recognised LLaMA decoder
 DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks/lowT.md)
+ONLINE_CHOICES = ("auto", "on", "off")  # online Hadamard before down_proj; auto: with a Hadamard rotation, not --full
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
 
@@ -173,6 +174,8 @@ def find_linears(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     out = []
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        if ONLINE_TRANSFORM_SUFFIX in node.name:  # a constant rotation kept in float by design
             continue
         w = inits.get(node.input[1])
         if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2:
@@ -881,18 +884,31 @@ def _resolve_auto(path: str, rotate: str, alpha: float, log: Callable[[str], Any
     return ROTATE_AUTO, alpha
 
 
+def _resolve_online(online: str, rotate: str, full: bool) -> bool:
+    """auto: the online down_proj Hadamard comes with a Hadamard rotation, except in --full twins
+    (there the product gate*up is itself a quantized stage, so a float rotation after it has no place)."""
+    if online not in ONLINE_CHOICES:
+        raise TtfscError(f"--online-hadamard {online!r}: use one of {', '.join(ONLINE_CHOICES)}.")
+    if online == "on" and full:
+        raise TtfscError("--online-hadamard on and --full exclude each other: a --full twin quantizes gate*up "
+                         "itself; drop one of them.")
+    return online == "on" or (online == "auto" and rotate == "hadamard" and not full)
+
+
 @contextlib.contextmanager
 def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float, calib: Any,
                  prefix_mode: str | list[int], samples: int, seqlen: int,
-                 log: Callable[[str], Any]) -> Iterator[Transform]:
-    """Rotate, then smooth, ``path`` into a temporary folder inside ``out_dir`` (deleted afterwards).
+                 log: Callable[[str], Any], online: str = "off", full: bool = False) -> Iterator[Transform]:
+    """Rotate, smooth, then add online down_proj Hadamards to ``path`` in a temporary folder inside
+    ``out_dir`` (deleted afterwards).
 
     Order matters: smoothing measures the rotated model's channels, and every later stage (prefix
     KV, calibration, search) runs on the transformed float model the QANN is quantized from.
     """
     meta = {"ttfsc.rotation": "none", "ttfsc.smoothing": "none"}
     rotate, alpha = _resolve_auto(path, rotate, alpha, log)
-    if rotate == "none" and not alpha:
+    down = _resolve_online(online, rotate, full)
+    if rotate == "none" and not alpha and not down:
         yield Transform(path, prefix_mode, meta)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -910,6 +926,12 @@ def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float,
             prefix_mode, meta["ttfsc.smoothing"] = _smooth(src, smoothed, alpha, calib, prefix_mode, samples,
                                                            seqlen, log)
             src = smoothed
+        if down:
+            rotated = str(tmp / "online" / "model.onnx")
+            info = rotate_down_inputs(src, rotated, seed=seed)
+            meta["ttfsc.down_rotation"] = f"online hadamard seed={seed} blocks={info['rotated']}"
+            log(f"online Hadamard before {info['rotated']} down_proj inputs (float x·H, factored; W_down := H^T W_down)")
+            src = rotated
         yield Transform(src, prefix_mode, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -935,7 +957,7 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                    method: str = DEFAULT_METHOD, percentile: float = 99.99, calib: Any = None, calib_samples: int = 8,
                    calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
                    smooth: float | None = None, abits_for: Sequence[str] | dict[str, int] | None = None,
-                   full: bool = False, windows: Sequence[str] | None = None,
+                   full: bool = False, windows: Sequence[str] | None = None, online_hadamard: str = "auto",
                    log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
@@ -949,7 +971,9 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     ``smooth=None`` picks ``default_smooth(abits)``. ``abits_for`` gives some tensors another
     width (``["mlp/Mul=8"]``: per-stage windows after ``ttfsc compile -T auto``). ``full`` also
     quantizes every nonlinearity, product and the residual stream (compiler/quantize_full.py), with
-    per-kind ``windows`` such as ``["softmax=256"]``.
+    per-kind ``windows`` such as ``["softmax=256"]``. ``online_hadamard`` (auto, on, off) inserts a
+    factored float Hadamard before every down_proj input (auto: with a Hadamard rotation, not --full;
+    SmolLM2 W8A6 33.5 -> 24.1, benchmarks/lowT.md).
     """
     smooth = default_smooth(abits) if smooth is None else smooth
     overrides = abits_for if isinstance(abits_for, dict) else parse_bits_overrides(abits_for)
@@ -964,7 +988,7 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     _check_opset(modelio.load_model(path), path)
     out_dir = Path(out_path).resolve().parent
     with _transformed(path, out_dir, rotate, rotate_seed, smooth, calib, parse_prefix(prefix), calib_samples,
-                      calib_seqlen, log) as tf:
+                      calib_seqlen, log, online_hadamard, full) as tf:
         if full:
             from ttfsc.compiler.quantize_full import quantize_float_full
             summary = quantize_float_full(tf, path, str(out_path), wbits, abits, method, percentile, calib,
@@ -1050,5 +1074,6 @@ def quantize_cli(args: Any) -> int:
                    calib_seqlen=args.calib_seqlen, prefix=getattr(args, "prefix", "auto"),
                    rotate=getattr(args, "rotate", DEFAULT_ROTATE), rotate_seed=getattr(args, "rotate_seed", 0),
                    smooth=getattr(args, "smooth", DEFAULT_SMOOTH), abits_for=getattr(args, "abits_for", None),
-                   full=getattr(args, "full", False), windows=getattr(args, "window", None))
+                   full=getattr(args, "full", False), windows=getattr(args, "window", None),
+                   online_hadamard=getattr(args, "online_hadamard", "auto"))
     return 0

@@ -40,6 +40,7 @@ from ttfsc.compiler import modelio
 from ttfsc.compiler.errors import TtfscError
 
 KINDS = ("random", "hadamard")
+ONLINE_TRANSFORM_SUFFIX = ".online_hadamard"  # in the names of inserted float rotation nodes (not linear layers)
 BLOCK_BYTES = 64 << 20  # float32 bytes transformed at once
 PASS_THROUGH = ("Cast", "Identity")  # ops that carry a residual/normalised tensor unchanged
 STATS_OPS = ("Pow",)  # residual consumers that only compute the (rotation-invariant) RMS
@@ -230,21 +231,38 @@ def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def hadamard_factors(n: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(signs, factors) of the randomized Hadamard diag(signs) kron(*factors) of order n.
+
+    n = 2^k m: the Sylvester H_{2^k} is itself kron(H_{2^a}, H_{2^b}), so the factors are two
+    Hadamards of about sqrt(2^k) and, when m > 1, a Haar-random R_m. Applying them one axis at a
+    time costs n (2^a + 2^b + m) multiplies instead of n^2 (online rotation, rotate_down_inputs).
+    """
+    rng = np.random.default_rng(seed)
+    p = n & -n  # largest power-of-two factor
+    signs = rng.choice([-1.0, 1.0], size=n)
+    k = p.bit_length() - 1
+    factors = [_sylvester(1 << (k // 2)), _sylvester(1 << (k - k // 2))]
+    if p != n:
+        factors.append(random_orthogonal(n // p, rng))
+    return signs, [f for f in factors if f.shape[0] > 1]
+
+
 def rotation(n: int, seed: int = 0, kind: str = "random") -> np.ndarray:
     """Orthogonal [n, n] float64 matrix.
 
     ``random``: Haar-random. ``hadamard``: randomized Walsh-Hadamard diag(±1) H / sqrt(n) when n is a
     power of two; otherwise H_{2^k} kron R_m with n = 2^k m and R_m Haar-random (576 = 64 x 9), which
-    keeps most of Hadamard's even spreading.
+    keeps most of Hadamard's even spreading (hadamard_factors).
     """
     if kind not in KINDS:
         raise TtfscError(f"rotation kind {kind!r} is unknown; use one of {KINDS}.")
-    rng = np.random.default_rng(seed)
     if kind == "random":
-        return random_orthogonal(n, rng)
-    p = n & -n  # largest power-of-two factor
-    signs = rng.choice([-1.0, 1.0], size=n)
-    h = _sylvester(p) if p == n else np.kron(_sylvester(p), random_orthogonal(n // p, rng))
+        return random_orthogonal(n, np.random.default_rng(seed))
+    signs, factors = hadamard_factors(n, seed)
+    h = np.ones((1, 1))
+    for f in factors:
+        h = np.kron(h, f)
     return signs[:, None] * h
 
 
@@ -597,6 +615,96 @@ def smooth_model(model_path: str | os.PathLike, out_path: str | os.PathLike, act
     finally:
         spill.close()
     return {"model": str(model_path), "output": str(out_path), "alpha": alpha, "smoothed": done}
+
+
+def _down_linears(g: _Graph) -> list[onnx.NodeProto]:
+    """Linears fed by a SwiGLU product (down_proj), in graph order."""
+    out = []
+    for node in g.model.graph.node:
+        if g.weight_of(node) is not None:
+            with contextlib.suppress(TtfscError):
+                _up_proj_of(g, node)
+                out.append(node)
+    return out
+
+
+def _online_hadamard(model: onnx.ModelProto, wr: _Writer, before: onnx.NodeProto, signs: np.ndarray,
+                     factors: list[np.ndarray]) -> str:
+    """Insert x -> x diag(signs) kron(*factors) before ``before`` as Mul, Reshape, per-axis MatMuls.
+
+    x [..., n] is viewed as [..., f_1, ..., f_r]; each factor multiplies its own axis (moved last by
+    a Transpose, then back), so the cost is n * sum(f_i) instead of n^2. Returns the rotated tensor.
+    """
+    from onnx import helper
+    base = f"{before.name}{ONLINE_TRANSFORM_SUFFIX}"
+    sizes = [f.shape[0] for f in factors]
+    r = len(sizes)
+    nodes: list[onnx.NodeProto] = []
+
+    def const(tag: str, array: np.ndarray) -> str:
+        name = f"{base}.{tag}"
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        wr.inits.by_name[name] = model.graph.initializer[-1]
+        return name
+
+    x = before.input[0]
+    cur = f"{base}.signed"
+    nodes.append(helper.make_node("Mul", [x, const("signs", signs.astype(np.float32))], [cur], name=f"{base}/Mul"))
+    shape_in = const("shape_in", np.array([0, 0] + sizes, dtype=np.int64))
+    nodes.append(helper.make_node("Reshape", [cur, shape_in], [f"{base}.split"], name=f"{base}/Reshape"))
+    cur = f"{base}.split"
+    # axes 2..2+r-1 hold f_1..f_r; rotate the axis of factor i to the end, multiply, rotate back.
+    for i in reversed(range(r)):
+        axis = 2 + i
+        perm = list(range(2 + r))
+        perm[axis], perm[-1] = perm[-1], perm[axis]
+        mats = const(f"factor{i}", factors[i].astype(np.float32))
+        if i == r - 1:
+            nodes.append(helper.make_node("MatMul", [cur, mats], [f"{base}.f{i}"], name=f"{base}/MatMul{i}"))
+        else:
+            nodes.append(helper.make_node("Transpose", [cur], [f"{base}.t{i}"], perm=perm, name=f"{base}/T{i}"))
+            nodes.append(helper.make_node("MatMul", [f"{base}.t{i}", mats], [f"{base}.m{i}"], name=f"{base}/MatMul{i}"))
+            nodes.append(helper.make_node("Transpose", [f"{base}.m{i}"], [f"{base}.f{i}"], perm=perm, name=f"{base}/B{i}"))
+        cur = f"{base}.f{i}"
+    out = f"{x}.hadamard"
+    shape_out = const("shape_out", np.array([0, 0, int(np.prod(sizes))], dtype=np.int64))
+    nodes.append(helper.make_node("Reshape", [cur, shape_out], [out], name=f"{base}/Merge"))
+    at = list(model.graph.node).index(before)
+    for j, n in enumerate(nodes):
+        model.graph.node.insert(at + j, n)
+    return out
+
+
+def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
+    """Online Hadamard before every down_proj: x -> x H (a constant MatMul), W_down -> H^T W_down.
+
+    The residual rotation cannot reach down_proj's input (SiLU(gate) * up is not linear in the
+    residual), and that tensor has the widest range of all linear inputs; QuaRot handles it with
+    an online Hadamard. Function-preserving up to float rounding; it costs one float d_ff x d_ff
+    MatMul per block, reported by the caller.
+    """
+    model = modelio.load_model(model_path)
+    g = _Graph(model)
+    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
+    try:
+        wr = _Writer(model, spill)
+        downs = _down_linears(g)
+        for k, node in enumerate(downs):
+            w = _current_weight(wr, g, node)
+            signs, factors = hadamard_factors(w.shape[0], seed + 2 + k)
+            x_rot = _online_hadamard(model, wr, node, signs, factors)
+            h = rotation(w.shape[0], seed + 2 + k, "hadamard")
+            if node.input[1] in wr.claimed:
+                wr.replace(node.input[1], _left(h.T, w, None))
+            else:
+                name, _ = _matmul_weight(g, node)
+                _set_weight(wr, g, node, _left(h.T, w, None), _use_count(g, name) > 1)
+            node.input[0] = x_rot
+        _set_metadata(model, {"ttfsc.down_rotation": f"online hadamard seed={seed} blocks={len(downs)}"})
+        _save(model, model_path, out_path)
+    finally:
+        spill.close()
+    return {"model": str(model_path), "output": str(out_path), "rotated": len(downs)}
 
 
 # ---------------------------------------------------------------- calibration helper

@@ -87,6 +87,19 @@ def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Pa
     assert _max_diff(original, tmp_path / "model.onnx") < TOL
 
 
+def test_online_down_rotation_preserves_logits(original: Path, tmp_path: Path) -> None:
+    """x H before every down_proj with W' = H^T W is the identity up to rounding; quantize skips H."""
+    from ttfsc.compiler.quantize import find_linears
+    from ttfsc.compiler.rotate import ONLINE_TRANSFORM_SUFFIX, rotate_down_inputs
+    out = tmp_path / "model.onnx"
+    assert rotate_down_inputs(original, out, seed=1)["rotated"] == 2
+    assert _max_diff(original, out) < TOL
+    model = modelio.load_model(out)
+    online = [n for n in model.graph.node if ONLINE_TRANSFORM_SUFFIX in n.name and n.op_type == "MatMul"]
+    assert len(online) >= 2 and not {n.name for n in online} & {n.name for n in find_linears(model)}
+    assert len(find_linears(model)) == len(find_linears(modelio.load_model(original)))
+
+
 def test_fold_only_keeps_weights_aligned(original: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.fold.onnx"
     info = rotate_model(original, out, fold_only=True)
@@ -179,3 +192,16 @@ def test_unrecognised_graph_raises(original: Path, tmp_path: Path) -> None:
         rotate_model(broken, out)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir()] if out.parent.exists() else True
+
+
+def test_online_hadamard_resolution() -> None:
+    """auto follows the Hadamard rotation and stays out of --full twins; on + --full is refused."""
+    from ttfsc.compiler.quantize import _resolve_online
+    assert _resolve_online("auto", "hadamard", full=False)
+    assert not _resolve_online("auto", "none", full=False)
+    assert not _resolve_online("auto", "hadamard", full=True)
+    assert _resolve_online("on", "none", full=False) and not _resolve_online("off", "hadamard", full=False)
+    with pytest.raises(TtfscError, match="--full"):
+        _resolve_online("on", "hadamard", full=True)
+    with pytest.raises(TtfscError, match="online-hadamard"):
+        _resolve_online("sometimes", "hadamard", full=False)
