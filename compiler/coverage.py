@@ -121,7 +121,7 @@ def _ops(n: onnx.NodeProto, shapes: dict, keys: int, model: onnx.ModelProto) -> 
 
 def _probe_shapes(model: onnx.ModelProto, nodes: list, model_dir: str | None, context: int):
     """Run the lowered model once; return tensor shapes, key count and token count of the probe."""
-    from ttfsc.runtime.session import lower_model, open_session
+    from ttfsc.runtime.session import open_session
     names = {x for n in nodes for x in list(n.output) + list(n.input) if x}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -19,7 +19,7 @@ from ttfsc.compiler.pipeline import run_passes, stages
 from ttfsc.runtime.neuron import NeuronSpec, is_neuron
 from ttfsc.runtime.ops import DECODE, EMIT
 from ttfsc.runtime.session import open_session
-from ttfsc.ttfs import DOMAIN, clip_bounds
+from ttfsc.ttfs import clip_bounds
 
 B, S, D = 2, 5, 16
 
