@@ -56,6 +56,12 @@ def test_sweep_reuses_models_and_rejects_bad_T(swept, tmp_path, capsys):
             "--windows", "2", "--no-continuous", "--out", str(out), "--name", "again"]
     assert main(args) == 0
     assert snn.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    args = ["sweep", data["model"], "--ppl", data["text"], "-T", "16", "--seqlen", "64", "--windows", "2",
+            "--no-qann", "--out", str(out), "--name", "cont"]
+    assert main(args) == 0
+    kinds = [r["kind"] for r in json.loads((out / "cont.json").read_text())["rows"]]
+    assert kinds == ["fp", "continuous"]
+    assert "W8" not in (out / "cont.md").read_text()
     capsys.readouterr()
     assert main(["sweep", data["model"], "--ppl", data["text"], "-T", "48", "--out", str(tmp_path)]) == 2
     assert "-T: -T 48 is not 2^n" in capsys.readouterr().err
