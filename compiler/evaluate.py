@@ -175,7 +175,7 @@ def corpus_perplexity(model: Model, text: str, seqlen: int | None = None, window
     chosen = select_windows(total, windows, seed, first)
     batch = max(1, DEFAULT_SEQLEN // seqlen)  # a few short windows per run; long ones one at a time
     nll, t0 = 0.0, time.perf_counter()
-    for s in _progress(range(0, len(chosen), batch), progress, f"ppl {label}"):
+    for s in progress_bar(range(0, len(chosen), batch), progress, f"ppl {label}"):
         rows = np.asarray([ids[w * seqlen:(w + 1) * seqlen] for w in chosen[s:s + batch]], dtype=np.int64)
         nll += window_nll(model, rows)
     scored = len(chosen) * (seqlen - 1)
@@ -197,7 +197,7 @@ def perplexity(model_path: str, text_path: str, seqlen: int | None = None, windo
     return corpus_perplexity(model, read_corpus(text_path), seqlen, windows, seed, first, label=str(text_path))
 
 
-def _progress(it: Any, enabled: bool, desc: str) -> Any:
+def progress_bar(it: Any, enabled: bool, desc: str) -> Any:
     """A tqdm bar on stderr when asked and stderr is a terminal; the bare iterable otherwise."""
     if not enabled:
         return it

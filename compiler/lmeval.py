@@ -22,7 +22,7 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ttfsc.compiler.evaluate import _progress, open_model
+from ttfsc.compiler.evaluate import open_model, progress_bar
 from ttfsc.compiler.tasks import Scorer
 
 NAME = "ttfsc"
@@ -51,7 +51,7 @@ class TtfscLM(LM):
         for i, req in enumerate(requests):
             groups.setdefault(req.args[0], []).append(i)
         out: list[Any] = [None] * len(requests)
-        for context, idx in _progress(list(groups.items()), not disable_tqdm, "ttfsc loglikelihood"):
+        for context, idx in progress_bar(list(groups.items()), not disable_tqdm, "ttfsc loglikelihood"):
             for s in range(0, len(idx), self.batch):
                 part = idx[s:s + self.batch]
                 pairs = [self.scorer.encode_pair(context, requests[i].args[1]) for i in part]
@@ -64,7 +64,7 @@ class TtfscLM(LM):
         """Log-likelihood of whole texts: disjoint windows, each conditioned on the token before it
         (the first on BOS/EOS or the model's prefix), as lm-eval's own rolling windows are."""
         out = []
-        for req in _progress(requests, not disable_tqdm, "ttfsc loglikelihood_rolling"):
+        for req in progress_bar(requests, not disable_tqdm, "ttfsc loglikelihood_rolling"):
             out.append(self.rolling(req.args[0]))
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, out[-1])
         return out
@@ -83,7 +83,7 @@ class TtfscLM(LM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context, cut at the first ``until`` string."""
         out = []
-        for req in _progress(requests, not disable_tqdm, "ttfsc generate_until"):
+        for req in progress_bar(requests, not disable_tqdm, "ttfsc generate_until"):
             context, kwargs = req.args
             out.append(self.generate(context, dict(kwargs or {})))
             self.cache_hook.add_partial("generate_until", req.args, out[-1])
@@ -93,7 +93,7 @@ class TtfscLM(LM):
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         budget = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-        ids = self.scorer._encode(context)
+        ids = self.scorer.encode(context)
         if self.scorer.limit is not None:
             ids = ids[-max(1, self.scorer.limit - budget):]
         if not ids and self.model.gen.prefix is None:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ttfsc.compiler.errors import TtfscError
+from ttfsc.compiler.evaluate import progress_bar, token_logprobs
 
 TASK_NAMES = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada")
 
@@ -234,11 +235,11 @@ class Scorer:
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
-        whole = self._encode(context + continuation)
-        ctx = self._encode(context)
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
         return ctx, whole[len(ctx):]
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text, bos=self.bos) if text else ([self.tok.bos_id] if self.bos else [])
         ids = self.gen.strip_bos(ids)
         return [int(t) for t in ids]
@@ -292,7 +293,6 @@ class Scorer:
     def _pick(last: np.ndarray | None, rest_logits: np.ndarray, seq: list[int], start: int,
               shared: int) -> tuple[float, bool]:
         """Sum of log p(seq[p] | seq[:p]) for p >= start, and whether each was the argmax."""
-        from ttfsc.compiler.evaluate import token_logprobs
         rows = []
         for p in range(start, len(seq)):
             rows.append(last if p == shared else rest_logits[p - shared - 1])
@@ -356,10 +356,9 @@ def aggregate(per_item: Sequence[dict[str, float]], kind: str) -> dict[str, Any]
 def evaluate_items(scorer: Scorer, items: Sequence[Item], kind: str, progress: bool = False,
                    desc: str = "") -> dict[str, Any]:
     """Score every item; the aggregate metrics plus seconds and items per second."""
-    from ttfsc.compiler.evaluate import _progress
     t0 = time.perf_counter()
     per_item = [item_metrics(item, scorer.score_requests(item.requests), kind)
-                for item in _progress(items, progress, desc)]
+                for item in progress_bar(items, progress, desc)]
     seconds = time.perf_counter() - t0
     out = aggregate(per_item, kind)
     out.update(seconds=seconds, items_per_s=len(items) / seconds if seconds > 0 else None)
