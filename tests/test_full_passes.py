@@ -52,15 +52,18 @@ class Builder:
         scale = np.float32((hi - lo) / self.N)
         z = int(np.clip(np.round(-lo / scale), 0, self.N))
         a, b = clip_bounds(scale, z, self.N)
-        s, zp = self.const(f"{name}_s", np.array(scale, np.float32)), self.const(f"{name}_z", np.array(z, np.uint8))
+        wide = self.N > 255  # more than 8 bits: uint16 codes through the com.microsoft Q/DQ
+        s = self.const(f"{name}_s", np.array(scale, np.float32))
+        zp = self.const(f"{name}_z", np.array(z, np.uint16 if wide else np.uint8))
+        kw = {"domain": "com.microsoft"} if wide else {}
         c = self.op("Clip", [x, self.const(f"{name}_lo", a), self.const(f"{name}_hi", b)], f"{name}_clip")
-        q = self.op("QuantizeLinear", [c, s, zp], f"{name}_q")
-        return self.op("DequantizeLinear", [q, s, zp], f"{name}_dq")
+        q = self.op("QuantizeLinear", [c, s, zp], f"{name}_q", **kw)
+        return self.op("DequantizeLinear", [q, s, zp], f"{name}_dq", **kw)
 
     def model(self, outputs: list[str]) -> onnx.ModelProto:
         g = h.make_graph(self.nodes, "full", self.inputs, [h.make_empty_tensor_value_info(o) for o in outputs],
                          self.inits)
-        m = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
         m.ir_version = 9
         return m
 
@@ -418,3 +421,15 @@ def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
     ins = inspect_neurons(load_model(snn), samples=64)
     assert ins["ok"] and {n["kind"] for n in ins["neurons"]} == {"elementwise", "mean_square", "lse", "product",
                                                                   "linear"}
+
+
+@pytest.mark.parametrize("group", ["silu", "mean_square", "mul", "residual"])
+def test_ten_bit_stages(group):
+    """1024-slot windows: uint16 spike times, a 1024-entry table, decodes through com.microsoft DQ."""
+    qann, feeds, out = build(group, bits=10, seed=1)
+    snn, _ = compile_full(qann, 1024)
+    ns = neurons(snn)
+    assert len(ns) == 1 and NeuronSpec.from_node(ns[0]).emit.T == 1024
+    if group == "silu":
+        assert len(NeuronSpec.from_node(ns[0]).table) == 1024
+    assert_bit_exact(qann, snn, feeds, out)
