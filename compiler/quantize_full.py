@@ -53,7 +53,12 @@ rmsnorm_ms+rsqrt), the measured default ``abits + DEFAULT_EXTRA_BITS[kind]``
 Ranges: calibrated per tensor on the float model (with the same decomposed softmax) after the
 prefix. Tensors a linear reads use ``--method`` (search: clipping of least layer-output MSE, as in
 the hybrid QANN); the PV product's range is observed on the o_proj input (same values, permuted).
-Everything else uses min/max (FULL_METHOD, measured in benchmarks/full_twin.md).
+Everything else uses min/max (FULL_METHOD; "mse" is the measured alternative). Then the lower ends
+of scores and differences are raised to where exp stops producing a nonzero p code
+(``clip_softmax_tails``): min/max would spend most of their codes on values that end up as p = 0.
+
+Widths and ranges are plain QDQ data: the twin is an ordinary onnxruntime model. Run it with
+``session.disable_quant_qdq = 1`` for exact QDQ numerics when any linear input has 8 bits.
 """
 from __future__ import annotations
 
@@ -75,8 +80,15 @@ from ttfsc.ttfs import MAX_BITS, MIN_BITS, window_for_bits
 
 KINDS = ("residual", "rmsnorm_ms", "rsqrt", "product", "linear_out", "rotary", "silu", "lse", "sub", "exp", "kv")
 WINDOW_ALIASES = {"softmax": ("lse", "sub", "exp"), "rmsnorm": ("rmsnorm_ms", "rsqrt")}
-# extra bits over --abits per kind, measured on stories260K / SmolLM2 (benchmarks/full_twin.md)
-DEFAULT_EXTRA_BITS: dict[str, int] = {}
+# extra bits over --abits per kind (benchmarks/full_twin.md). stories260K W8A6 leave-one-out from all-256: linear_out +0.72 PPL at 64 levels, rotary +0.55,
+# residual +0.08, softmax +0.04, silu +0.04, rmsnorm +0.00 -> rmsnorm and products stay at --abits
+DEFAULT_EXTRA_BITS: dict[str, int] = {"residual": 2, "linear_out": 2, "rotary": 2, "silu": 2,
+                                      "lse": 2, "sub": 2, "exp": 2}
+FULL_METHODS = ("minmax", "mse")
+FULL_METHOD = "minmax"  # ranges of stage results no linear reads (benchmarks/full_twin.md)
+MSE_VALUES = 1 << 15  # values per tensor kept (over all calibration sequences) for the "mse" search
+SOFTMAX_TAILS = True  # clip score / difference ranges below what survives exp (clip_softmax_tails)
+TAIL_POSITIONS = 8192  # longest row the score clipping is sized for (SmolLM2's context)
 PLUMBING = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Slice", "Concat", "Cast", "Identity",
             "Flatten", "Gather")
 GROUPS_META, KV_META, WINDOWS_META = "ttfsc.full.groups", "ttfsc.full.kv", "ttfsc.full.windows"
@@ -130,8 +142,8 @@ class Graph:
         """Tensors computed from token embeddings or the past KV (Shape outputs are integers, not activations)."""
         active = {i.name for i in self.model.graph.input if i.name.startswith("past_key_values.")}
         for node in self.model.graph.node:
-            if node.op_type == "Gather" and node.input[0] in self.inits and len(node.input) == 2:
-                active.add(node.output[0])  # embedding lookup
+            if node.op_type == "Gather" and node.input[0] in self.inits and node.input[1:] == ["input_ids"]:
+                active.add(node.output[0])  # embedding lookup (a table Gather by position ids is a constant)
             elif node.op_type != "Shape" and any(i in active for i in node.input):
                 active.update(node.output)
         return active
@@ -288,7 +300,7 @@ def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: S
     for node in model.graph.node:
         op, ins = node.op_type, g.act_inputs(node)
         out = node.output[0] if node.output else ""
-        if op == "Gather" and node.input[0] in g.inits and out in g.active:
+        if op == "Gather" and node.input[1:] == ["input_ids"] and out in g.active:
             add(QPoint(out, "residual"))  # the embedding starts the residual stream
         elif not ins or out not in g.active:
             continue
@@ -362,10 +374,15 @@ def _finish(points: dict[str, QPoint], lin_in: set[str], g: Graph) -> None:
 # ---------------------------------------------------------------- calibration
 
 class MaskedMinMax:
-    """Min/max over the positions an additive mask keeps (mask == 0); all positions without a mask."""
+    """Min/max over the positions an additive mask keeps (mask == 0); all positions without a mask.
 
-    def __init__(self) -> None:
+    With ``keep`` > 0 it also keeps a seeded subsample of those values for the clipping search.
+    """
+
+    def __init__(self, keep: int = 0) -> None:
         self.lo, self.hi = np.inf, -np.inf
+        self.keep, self.parts = keep, []
+        self.rng = np.random.default_rng(0)
 
     def update(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
         if mask is not None:
@@ -375,18 +392,48 @@ class MaskedMinMax:
                 self.lo = self.hi = float("nan")
                 return
             self.lo, self.hi = float(min(self.lo, x.min())), float(max(self.hi, x.max()))
+            if self.keep:
+                flat = np.asarray(x, np.float32).reshape(-1)
+                self.parts.append(flat[self.rng.choice(flat.size, self.keep, replace=False)]
+                                  if flat.size > self.keep else flat.copy())
 
     def range(self) -> tuple[float, float]:
         return self.lo, self.hi
+
+    def sample(self) -> np.ndarray:
+        x = np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
+        return x[self.rng.choice(x.size, self.keep, replace=False)] if x.size > self.keep else x
+
+
+def mse_range(x: np.ndarray, lo: float, hi: float, bits: int, lo_zero: bool) -> tuple[float, float]:
+    """The clipped range [r_lo*lo, r_hi*hi] of least squared quantization error of ``x`` itself.
+
+    For stage results that feed a nonlinearity or a product rather than a linear layer, the
+    error of the tensor is the proxy (minmax, ratio 1.0, is a candidate, so never worse on ``x``).
+    """
+    from ttfsc.compiler.quantize import SEARCH_RATIOS, activation_params, fake_quant
+    if not x.size:
+        return lo, hi
+
+    def score(r_lo: float, r_hi: float) -> float:
+        return float(np.mean(np.square(fake_quant(x, activation_params(lo * r_lo, hi * r_hi, bits)) - x)))
+
+    joint = not (lo_zero or lo >= 0)  # a range starting at 0 keeps its exact zero
+    lo_ratios = SEARCH_RATIOS if joint else (1.0,)
+    best = min((score(r if joint else 1.0, r), r if joint else 1.0, r) for r in SEARCH_RATIOS)
+    best = min([best] + [(score(r, best[2]), r, best[2]) for r in lo_ratios])
+    best = min([best] + [(score(best[1], r), best[1], r) for r in SEARCH_RATIOS])
+    return lo * best[1], hi * best[2]
 
 
 def calibrate_points(sess: Any, points: Sequence[QPoint], feeds: Sequence[dict[str, np.ndarray]],
                      search_observer: Callable[[], Any] | None) -> dict[str, Any]:
     """Observers per calibration tensor: ``search_observer`` (rows) for linear inputs, masked min/max otherwise."""
     obs: dict[str, Any] = {}
+    keep = -(-MSE_VALUES // max(1, len(feeds))) if FULL_METHOD == "mse" else 0
     for p in points:
         if p.calib not in obs:
-            obs[p.calib] = search_observer() if (p.linear_input and search_observer) else MaskedMinMax()
+            obs[p.calib] = search_observer() if (p.linear_input and search_observer) else MaskedMinMax(keep)
     masks = sorted({p.mask for p in points if p.mask})
     fetch = list(obs) + [m for m in masks if m not in obs]
     for f in feeds:
@@ -418,6 +465,27 @@ def point_ranges(points: Sequence[QPoint], observers: dict[str, Any],
             hi = max(ranges[p.tensor][1], ranges[p.shares][1])
             ranges[p.tensor] = ranges[p.shares] = (lo, hi)
     return ranges
+
+
+def clip_softmax_tails(ranges: dict[str, tuple[float, float]], softmaxes: Sequence[dict[str, str]],
+                       width: dict[str, int]) -> None:
+    """Raise the lower ends of scores and differences to where they stop mattering (in place).
+
+    Min/max ranges of s and d reach far below anything that survives exp (SmolLM2/stories260K:
+    d down to -110 while p's smallest nonzero code needs d > ln(scale_p / 2)), so most of their
+    codes would be wasted. Any d below ``ln(scale_p / 4)`` gives p code 0, so clipping d there
+    changes no p code (the factor 4 absorbs the rounding of the zero point). A score enters the
+    log-sum-exp too, where a clipped tail adds at most ``exp(lo_s - lse)`` per position; with
+    ``lo_s = min lse + ln(scale_p / 4) - ln(TAIL_POSITIONS)`` the tails of a whole row add less than
+    a quarter of p's step, and a row with a larger lse is affected even less.
+    """
+    for sm in softmaxes:
+        s, lse, d, p = sm["s"], sm["lse"], sm["d"], sm["p"]
+        n_p = (1 << width[p]) - 1
+        floor_d = float(np.log(0.25 * ranges[p][1] / n_p))
+        ranges[d] = (max(ranges[d][0], floor_d), ranges[d][1])
+        floor_s = ranges[lse][0] + floor_d - float(np.log(TAIL_POSITIONS))
+        ranges[s] = (max(ranges[s][0], floor_s), ranges[s][1])
 
 
 # ---------------------------------------------------------------- graph rewriting
@@ -542,6 +610,8 @@ def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits
     t0 = time.perf_counter()
     ranges, prefix, desc = _calibrate(model, path, linears, points, width, calib, method, percentile,
                                       tf.prefix_mode, samples, seqlen, log)
+    if SOFTMAX_TAILS:
+        clip_softmax_tails(ranges, softmaxes, width)
     params = {t: qz.activation_params(lo, hi, width[t]) for t, (lo, hi) in ranges.items()}
     t_calib = time.perf_counter() - t0
     used = {k: window_for_bits(kind_bits(k, abits, windows)) for k in KINDS if k != "kv"}
@@ -583,6 +653,11 @@ def _calibrate(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto],
         searched, _ = qz.searched_ranges(model, linears, lin_obs, lambda n: bits_of[n])
     elif method == "percentile":
         searched = {n: ob.range() for n, ob in lin_obs.items()}
+    if FULL_METHOD == "mse":
+        for p in points:
+            ob = observers[p.calib]
+            if isinstance(ob, MaskedMinMax) and p.calib not in searched and np.all(np.isfinite(ob.range())):
+                searched[p.calib] = mse_range(ob.sample(), *ob.range(), width[p.tensor], p.lo_zero)
     return point_ranges(points, observers, searched), prefix, desc
 
 

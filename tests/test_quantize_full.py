@@ -180,24 +180,33 @@ def test_kv_quantizer_is_shared_and_past_round_trips(full_default):
 
 
 def test_twin_tracks_float_and_wider_windows_track_closer(tiny_llama_onnx, tmp_path):
-    ids = np.random.default_rng(0).integers(3, 98, 48)
+    rng = np.random.default_rng(0)
+    gen = Generator(_session(tiny_llama_onnx), tiny_llama_onnx.parent, prefix=None)
+    calib = [gen.feeds(rng.integers(3, 98, 48), gen.empty_past()) for _ in range(4)]  # covers the test text
+    ids = rng.integers(3, 98, 48)
     ref = _logits(tiny_llama_onnx, ids)
     err = {}
-    for abits in (5, 10):
-        out, _ = _quantize(tiny_llama_onnx, tmp_path / f"a{abits}" / "model.onnx", abits=abits, **PLAIN)
+    for abits in (4, 8):
+        out, _ = _quantize(tiny_llama_onnx, tmp_path / f"a{abits}" / "model.onnx", abits=abits,
+                           **{**PLAIN, "calib": calib})
         err[abits] = float(np.sqrt(np.mean((_logits(out, ids) - ref) ** 2)))
     spread = float(ref.std())
-    assert err[5] < 0.5 * spread, f"6-bit twin error {err[5]:.4f} vs logit spread {spread:.4f}"
-    assert err[10] < 0.5 * err[5], err
+    assert err[4] < 0.5 * spread, f"4-bit twin error {err[4]:.4f} vs logit spread {spread:.4f}"
+    assert err[8] < 0.25 * err[4], err
 
 
 def test_window_softmax_changes_only_softmax_width(tiny_llama_onnx, full_plain, tmp_path):
-    _, summary = _quantize(tiny_llama_onnx, tmp_path / "w" / "model.onnx", windows=["softmax=256"], **PLAIN)
+    _, summary = _quantize(tiny_llama_onnx, tmp_path / "w" / "model.onnx", windows=["softmax=1024"], **PLAIN)
     base = full_plain[1]["ranges"]
+    softmax = [t for t, r in summary["ranges"].items() if r["kind"] in ("lse", "sub", "exp")]
+    assert len(softmax) == 3 * LAYERS
     for t, r in summary["ranges"].items():
-        assert r["levels"] == (256 if r["kind"] in ("lse", "sub", "exp") else 64), t
-        assert base[t]["levels"] == 64
-    assert summary["windows"]["exp"] == 256 and summary["windows"]["silu"] == 64
+        assert r["levels"] == (1024 if t in softmax else base[t]["levels"]), t
+        assert t not in softmax or base[t]["levels"] < 1024
+    assert summary["windows"]["exp"] == 1024 and summary["windows"]["silu"] == full_plain[1]["windows"]["silu"]
+    model = onnx.load(str(tmp_path / "w" / "model.onnx"))
+    wide = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.domain == "com.microsoft"]
+    assert len(wide) == 3 * LAYERS, "10-bit codes travel as uint16 through the contrib Q/DQ"
 
 
 @pytest.mark.parametrize("spec", ["softmax", "soft=64", "softmax=100", "softmax=2", "exp=8192", "kv=64", "=64"])
@@ -211,3 +220,34 @@ def test_bad_window_spec_is_one_clear_error(tiny_llama_onnx, tmp_path, capsys, s
 def test_window_without_full_is_an_error(tiny_llama_onnx, tmp_path, capsys):
     rc = main(["quantize", str(tiny_llama_onnx), "-o", str(tmp_path / "x.onnx"), "--window", "softmax=256"])
     assert rc == 2 and "--full" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- range choices
+
+def test_softmax_tail_clipping_keeps_dropped_differences_at_code_zero():
+    from ttfsc.compiler.quantize import activation_params, fake_quant
+    from ttfsc.compiler.quantize_full import clip_softmax_tails
+    rng = np.random.default_rng(0)
+    for bits in (4, 6, 8):
+        ranges = {"s": (-107.0, 22.6), "lse": (-4.8, 22.5), "d": (-110.0, 0.0), "p": (0.0, 1.0)}
+        sm = {"s": "s", "lse": "lse", "d": "d", "p": "p"}
+        clip_softmax_tails(ranges, [sm], {"p": bits, "d": bits, "s": bits, "lse": bits})
+        assert -110.0 < ranges["d"][0] < 0 and -107.0 < ranges["s"][0] < -4.8
+        pd, pp = activation_params(*ranges["d"], bits), activation_params(*ranges["p"], bits)
+        d = np.concatenate([-rng.exponential(20.0, 4000), [-110.0, ranges["d"][0]]]).astype(np.float32)
+        below = d <= ranges["d"][0]
+        codes = np.rint(np.exp(fake_quant(d, pd)) / pp.scale) + pp.zero_point
+        assert pp.zero_point == 0 and np.all(codes[below] == 0), "a clipped difference must still give p code 0"
+        # the tails of a row of 8192 clipped scores add less than a quarter of p's step to its sum
+        assert 8192 * np.exp(ranges["s"][0] - ranges["lse"][0]) <= 0.25 * float(pp.scale) * 1.0001
+
+
+def test_mse_range_is_never_worse_than_minmax_on_its_sample():
+    from ttfsc.compiler.quantize import activation_params, fake_quant
+    from ttfsc.compiler.quantize_full import mse_range
+    x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    x[:2] = (30.0, -20.0)
+    lo, hi = mse_range(x, float(x.min()), float(x.max()), 6, lo_zero=False)
+    err = lambda a, b: float(np.mean((fake_quant(x, activation_params(a, b, 6)) - x) ** 2))
+    assert err(lo, hi) < err(float(x.min()), float(x.max()))
+    assert mse_range(np.abs(x), 0.0, 30.0, 6, lo_zero=True)[0] == 0.0, "a range starting at 0 keeps its exact zero"
