@@ -287,10 +287,7 @@ class NeuronRule(Rule):
         grp: Group = m.nodes["group"]
         info = self.info(g)
         body, feeds = build_body(g, grp, info)
-        wins, refs, steps = [], [], []
-        for _, _, dec in grp.spikes:
-            T, t_ref, step = decode_spec(dec)
-            wins.append(T), refs.append(t_ref), steps.append(step)
+        wins, refs, steps = zip(*(decode_spec(dec) for _, _, dec in grp.spikes))
         kw = dict(emit=EmitSpec.from_node(grp.emit), kind=self.kind, windows_in=tuple(wins),
                   t_refs_in=tuple(refs), steps_in=tuple(steps), body=body)
         m.nodes.update(info=info, body=body)
@@ -312,10 +309,11 @@ def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarr
 
     Exactly the computation the QANN does for these codes (decode, its own float ops, its
     quantizer), so a Gather on this table is the QANN bit for bit, at no float cost at run time.
-    ``consts`` holds the values of the body's constant inputs (feeds[1:]).
+    ``consts`` holds the values of the body's constant inputs (feeds[1:]). onnxruntime's QDQ
+    fusions are off, as in verify's reference for fully spiking models (float on exact codes).
     """
     from onnx import numpy_helper
-    from ttfsc.runtime.session import open_session
+    from ttfsc.runtime.session import exact_options, open_session
     T_in = spec.windows_in[0]
     node = spec.make_node(feeds, "t_out", "neuron")
     graph = helper.make_graph(
@@ -326,7 +324,9 @@ def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarr
     model = helper.make_model(graph, opset_imports=ops + [helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
     t = np.arange(T_in, dtype=time_dtype(T_in))
-    return tuple(int(v) for v in open_session(model).run(None, {feeds[0]: t})[0])
+    so = exact_options(model)
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return tuple(int(v) for v in open_session(model, so).run(None, {feeds[0]: t})[0])
 
 
 def _time_type(T: int) -> int:

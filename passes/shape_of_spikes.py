@@ -26,6 +26,16 @@ def only_shapes_read(g: GraphIndex, node, depth: int = 8) -> bool:
     return bool(users) and all(u.input[0] == node.output[0] and only_shapes_read(g, u, depth - 1) for u in users)
 
 
+def chain_outputs(g: GraphIndex, node) -> set[str]:
+    """Outputs of ``node`` and of the wiring after it, up to (not including) the Shape reads."""
+    if node.op_type in SHAPES:
+        return set()
+    out = {node.output[0]}
+    for u in g.consumers.get(node.output[0], []):
+        out |= chain_outputs(g, u)
+    return out
+
+
 class ShapeOfSpikeTimes(Rule):
     name = "ShapeOfSpikeTimes"
 
@@ -43,7 +53,11 @@ class ShapeOfSpikeTimes(Rule):
         new = type(m.anchor)()
         new.CopyFrom(m.anchor)
         new.input[0] = m.nodes["decode"].input[0]
+        retyped = chain_outputs(g, m.anchor)  # these now carry integer times: drop stale float types
         g.replace_node(m.anchor, [new])
+        keep = [vi for vi in g.graph.value_info if vi.name not in retyped]
+        del g.graph.value_info[:]
+        g.graph.value_info.extend(keep)
 
 
 class ShapeOfSpikes(Pass):
