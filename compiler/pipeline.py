@@ -110,8 +110,20 @@ def stages(model: onnx.ModelProto) -> list[dict]:
             entry.update(threshold=e.threshold, zero_point=e.zero_point)
         else:
             entry.update(window=e.T, t_ref=e.t_ref, step=e.step)
+        entry.update(_neuron_entry(n))
         out.append(entry)
     return out
+
+
+def _neuron_entry(n: onnx.NodeProto) -> dict:
+    """What kind of neuron a stage is (TTFSNeuron) or what an emission is for (a KV past encoder)."""
+    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+    from ttfsc.runtime.ops import attrs
+    if is_neuron(n):
+        spec = NeuronSpec.from_node(n)
+        return {"neuron": spec.kind, "target": spec.target, "fan_in": spec.fan_in}
+    role = attrs(n).get("role")
+    return {"role": role.decode() if isinstance(role, bytes) else role} if role else {}
 
 
 def latency_per_token(model: onnx.ModelProto) -> int:
