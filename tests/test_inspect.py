@@ -128,3 +128,19 @@ def test_inspect_cli_without_neurons(tmp_path, capsys):
     onnx.save(snn, p)
     assert main(["inspect", str(p), "--neurons"]) == 2
     assert "no TTFSNeuron" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", ["silu", "rsqrt", "gelu"])
+def test_compiled_neuron_kernels_step_through_eq7(group):
+    """The compiled neuron's own eta, C, psi, theta stepped by the Eq. 7 simulator give its table."""
+    snn, _ = compile_full(build(group, 6)[0], 64)
+    spec = NeuronSpec.from_node(neurons(snn)[0])
+    N_in, e = spec.windows_in[0] - 1, spec.emit
+    t_in = np.arange(N_in + 1)[:, None]
+    C = np.array([spec.c_offset[0] / N_in])  # Eq. 7 adds C once per receive step
+    trace = sim.stage(t_in, np.ones((1, 1)), np.asarray(spec.eta[0]), C, N_in, np.asarray(e.psi), e.theta, e.N,
+                      e.t_ref, tie_rule=e.tie_rule)
+    stepped = e.N - trace.times[:, 0]
+    table = e.N - np.asarray(spec.table)
+    differ = stepped != table
+    assert differ.sum() <= 1 and np.abs(stepped - table).max() <= 1  # at most a float64/float32 boundary code
