@@ -97,9 +97,22 @@ def exact_options(model: onnx.ModelProto, so: ort.SessionOptions | None = None) 
     windows the Q/DQ fusions are disabled, so the MatMuls run in float on exact integer codes.
     """
     so = so or default_options()
-    if widest_window(model) > SATURATION_FREE_T:
+    if widest_window(model) > SATURATION_FREE_T or is_full_twin(model):
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
+
+
+def is_full_twin(model: onnx.ModelProto) -> bool:
+    """A `quantize --full` twin or its fully spiking compile.
+
+    onnxruntime fuses such a twin's DQ->MatMul into integer kernels in some graphs and not in
+    others (it depends on which tensors are fetched), so the QANN and the spiking model would
+    round near-tie codes differently; both therefore run with Q/DQ fusions off, the reference
+    `ttfsc verify` uses.
+    """
+    if any(n.op_type == "TTFSNeuron" and n.domain == DOMAIN for n in model.graph.node):
+        return True
+    return any(p.key == "ttfsc.full" and p.value == "1" for p in model.metadata_props)
 
 
 def open_session(path: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
@@ -109,4 +122,6 @@ def open_session(path: str | os.PathLike | onnx.ModelProto, sess_options: ort.Se
     if has_ttfs_ops(model):
         sess_options = exact_options(model, sess_options)
         model = lower_model(model)
+    elif is_full_twin(model):
+        sess_options = exact_options(model, sess_options)
     return session_from_model(model, sess_options, providers)

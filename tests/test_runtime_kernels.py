@@ -308,3 +308,24 @@ def test_lower_model_leaves_no_ttfs_nodes_and_checks():
     outs = open_session(m).run(None, {"V": V})
     assert [o.shape for o in outs] == [(3, 4), (3, 4), (3, 8)]
 
+
+
+def test_full_twins_run_without_qdq_fusion() -> None:
+    """A --full twin (metadata) or a graph with TTFSNeuron nodes gets Q/DQ fusions off: the reference
+    verify uses, so `run`/`eval` of the QANN and of its fully spiking model round alike."""
+    from ttfsc.runtime.session import exact_options, is_full_twin
+    x = h.make_tensor_value_info("x", TP.FLOAT, [2])
+    y = h.make_tensor_value_info("y", TP.FLOAT, [2])
+    plain = h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    assert not is_full_twin(plain)
+    with pytest.raises(RuntimeError):
+        exact_options(plain).get_session_config_entry("session.disable_quant_qdq")
+    twin = onnx.ModelProto()
+    twin.CopyFrom(plain)
+    onnx.helper.set_model_props(twin, {"ttfsc.full": "1"})
+    assert is_full_twin(twin)
+    assert exact_options(twin).get_session_config_entry("session.disable_quant_qdq") == "1"
+    neuron = onnx.ModelProto()
+    neuron.CopyFrom(plain)
+    neuron.graph.node.append(h.make_node("TTFSNeuron", ["y"], ["z"], domain="ai.ttfsc"))
+    assert is_full_twin(neuron)
