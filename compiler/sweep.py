@@ -294,7 +294,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The sweep's own command line, rebuilt from the parsed options (all of them, defaults included)."""
     def ints(v: list[int]) -> str:
         return ",".join(map(str, v))
-    parts = ["ttfsc", "sweep", args.model, "--ppl", args.ppl, "-T", ints(args.T), "--wbits", ints(args.wbits)]
+    parts = ["ttfsc", "sweep", args.model, "--ppl", args.ppl, "-T", ints(args.T)]
+    parts += [] if args.no_qann else ["--wbits", ints(args.wbits)]
     if args.continuous_T:
         parts += ["--continuous-T", ints(args.continuous_T)]
     for flag, value in (("--windows", args.windows), ("--seqlen", args.seqlen)):
