@@ -55,6 +55,10 @@ COUNT_KEYS = ("codes", "mismatch", "ties", "ties_seen", "spikes", "ttfs_spikes",
 
 
 def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
+    if any(n.op_type == "ContinuousEmit" for n in snn.graph.node):
+        raise TtfscError("the spiking model was compiled with --neuron continuous: its floor neurons on float ranges "
+                         "are not the twin of any QANN, so there is nothing to verify; compare it with the float "
+                         "model by perplexity (`ttfsc eval`, `ttfsc sweep`).")
     producers = {o: n for n in qann.graph.node for o in n.output}
     inits = Initializers(qann)
     probes = []

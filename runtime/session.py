@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -94,12 +95,43 @@ def exact_options(model: onnx.ModelProto, so: ort.SessionOptions | None = None) 
 
     onnxruntime fuses DQ->MatMul into its u8s8 kernel, which on x86 CPUs without VNNI adds pairs
     of products in int16 and saturates once activation codes exceed 127 (T > 128). For such
-    windows the Q/DQ fusions are disabled, so the MatMuls run in float on exact integer codes.
+    windows (of a spiking model, or of a plain QDQ model's activation quantizers) the Q/DQ fusions
+    are disabled, so the MatMuls run in float on exact integer codes.
     """
     so = so or default_options()
-    if widest_window(model) > SATURATION_FREE_T or is_full_twin(model):
+    if max(widest_window(model), qdq_levels(model)) > SATURATION_FREE_T or is_full_twin(model):
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
+
+
+def qdq_levels(model: onnx.ModelProto) -> int:
+    """Most code levels any activation QuantizeLinear of a plain QDQ model can produce.
+
+    A Clip(lo, hi) in front of the quantizer (ttfsc's n-bit form) bounds the codes to
+    (hi - lo) / scale + 1 levels; without one, the zero point's type does (256 for 8 bits).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def scalar(name: str) -> float | None:
+        t = inits.get(name)
+        if t is None or int(np.prod(t.dims)) != 1 or t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return float(onnx.numpy_helper.to_array(t).reshape(-1)[0])
+
+    widest = 0
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        bits = 16 if inits[n.input[2]].data_type in (onnx.TensorProto.UINT16, onnx.TensorProto.INT16) else 8
+        levels = 1 << bits
+        clip, scale = producer.get(n.input[0]), scalar(n.input[1])
+        if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and scale:
+            lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
+            if lo is not None and hi is not None:
+                levels = min(levels, int(round((hi - lo) / scale)) + 1)
+        widest = max(widest, levels)
+    return widest
 
 
 def is_full_twin(model: onnx.ModelProto) -> bool:
@@ -122,6 +154,6 @@ def open_session(path: str | os.PathLike | onnx.ModelProto, sess_options: ort.Se
     if has_ttfs_ops(model):
         sess_options = exact_options(model, sess_options)
         model = lower_model(model)
-    elif is_full_twin(model):
+    else:
         sess_options = exact_options(model, sess_options)
     return session_from_model(model, sess_options, providers)

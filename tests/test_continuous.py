@@ -136,3 +136,16 @@ def test_qdq_input_and_rate_coding_are_refused(tiny_llama_onnx, tmp_path, capsys
     rc = main(["compile", str(tiny_llama_onnx), "-T", "64", "--neuron", "continuous", "--coding", "rate",
                "-o", str(tmp_path / "m.onnx")])
     assert rc == 2 and "drop --coding rate" in capsys.readouterr().err
+
+
+def test_verify_refuses_continuous_models_with_a_clear_message() -> None:
+    """A continuous-kernel model has no QANN twin; verify says so instead of a missing-tensor error."""
+    from onnx import TensorProto, helper
+    from ttfsc.compiler.verify import find_probes
+    node = helper.make_node("ContinuousEmit", ["v"], ["t"], domain="ai.ttfsc")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("t", TensorProto.UINT8, [2])])
+    snn = helper.make_model(g)
+    from ttfsc.compiler.errors import TtfscError
+    with pytest.raises(TtfscError, match="--neuron continuous"):
+        find_probes(helper.make_model(helper.make_graph([], "q", [], [])), snn)

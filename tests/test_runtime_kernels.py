@@ -329,3 +329,27 @@ def test_full_twins_run_without_qdq_fusion() -> None:
     neuron.CopyFrom(plain)
     neuron.graph.node.append(h.make_node("TTFSNeuron", ["y"], ["z"], domain="ai.ttfsc"))
     assert is_full_twin(neuron)
+
+
+@pytest.mark.parametrize("levels,disabled", [(64, False), (128, False), (256, True)])
+def test_plain_qdq_models_above_128_levels_run_exact(levels: int, disabled: bool) -> None:
+    """A QDQ model's Clip-bounded activation quantizer sets its levels; above 128, fusions go off."""
+    from ttfsc.runtime.session import exact_options, qdq_levels
+    scale = 0.5
+    nodes = [h.make_node("Clip", ["x", "lo", "hi"], ["c"]), h.make_node("QuantizeLinear", ["c", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [nh.from_array(np.float32(0.0), "lo"), nh.from_array(np.float32(scale * (levels - 1)), "hi"),
+             nh.from_array(np.float32(scale), "s"), nh.from_array(np.uint8(0), "z")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [4])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [4])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    assert qdq_levels(m) == levels
+    so = exact_options(m)
+    if disabled:
+        assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
+    else:
+        with pytest.raises(RuntimeError):
+            so.get_session_config_entry("session.disable_quant_qdq")
+    x = np.array([-1.0, 0.26, 3.0, 500.0], np.float32)
+    out = open_session(m).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, np.clip(np.round(x / scale), 0, levels - 1) * scale)
