@@ -237,6 +237,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     if not args.ppl and not args.tasks:
         raise TtfscError("nothing to evaluate: give --ppl NAME=PATH and/or --tasks NAME=PATH.")
+    if args.limit is not None and args.limit < 1:
+        raise TtfscError(f"--limit {args.limit}: give a positive number of items.")
     from ttfsc.compiler import tasks as T
     specs = [(name, T.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
@@ -265,7 +267,7 @@ def render_markdown(result: dict) -> str:
     """One table row per perplexity corpus and per task metric, with its standard error."""
     lines = [f"Model: `{result['model']}`", "", "| data | metric | value | ± stderr | n |", "|---|---|---|---|---|"]
     for name, r in result["ppl"].items():
-        how = "first" if r["first"] else f"seed {r['seed']}"
+        how = "all" if r["windows"] == r["total_windows"] else "first" if r["first"] else f"seed {r['seed']}"
         lines.append(f"| {name} | ppl ({r['windows']}/{r['total_windows']} windows x {r['seqlen']}, {how}) | "
                      f"{r['ppl']:.3f} | | {r['tokens']} tokens |")
     for name, r in result["tasks"].items():
