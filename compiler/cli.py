@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the residual stream: the twin of a fully spiking graph (compiler/quantize_full.py)")
     p.add_argument("--window", action="append", metavar="KIND=LEVELS",
                    help="--full: levels of one stage kind (repeatable), e.g. softmax=256, residual=256; kinds: "
-                        "residual rmsnorm_ms rsqrt product linear_out rotary silu lse sub exp, softmax, rmsnorm")
+                        "residual rmsnorm_ms rsqrt product linear_out rotary silu scores (QK^T) lse sub exp; aliases "
+                        "softmax (scores lse sub exp), rmsnorm (rmsnorm_ms rsqrt)")
 
     p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
     p.add_argument("model")

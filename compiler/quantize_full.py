@@ -46,9 +46,10 @@ only. The export's IsNaN/Where guard after Softmax (all-masked rows) is dropped:
 always keep their own position. ``p`` is quantized with its zero point at 0 (range [0, max p]).
 
 Widths. Each quantizer's width is, first match wins: ``--abits-for PATTERN=BITS`` on its tensor
-name, ``--window KIND=LEVELS`` (KIND a kind above or ``softmax`` = lse+sub+exp, ``rmsnorm`` =
-rmsnorm_ms+rsqrt), the measured default ``abits + DEFAULT_EXTRA_BITS[kind]``
-(benchmarks/full_twin.md). ``kv`` always follows its source.
+name, ``--window CLASS=LEVELS``, the measured default ``abits + DEFAULT_EXTRA_BITS[CLASS]``
+(benchmarks/full_twin.md). A width CLASS is the kind, except that the QK^T scores (kind
+``product``) are class ``scores``; aliases ``softmax`` = scores+lse+sub+exp and ``rmsnorm`` =
+rmsnorm_ms+rsqrt. ``kv`` always follows its source. Above 8 bits codes are uint16 (contrib Q/DQ).
 
 Ranges: calibrated per tensor on the float model (with the same decomposed softmax) after the
 prefix. Tensors a linear reads use ``--method`` (search: clipping of least layer-output MSE, as in
@@ -79,11 +80,15 @@ from ttfsc.compiler.errors import TtfscError
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, window_for_bits
 
 KINDS = ("residual", "rmsnorm_ms", "rsqrt", "product", "linear_out", "rotary", "silu", "lse", "sub", "exp", "kv")
-WINDOW_ALIASES = {"softmax": ("lse", "sub", "exp"), "rmsnorm": ("rmsnorm_ms", "rsqrt")}
-# extra bits over --abits per kind (benchmarks/full_twin.md). stories260K W8A6 leave-one-out from all-256: linear_out +0.72 PPL at 64 levels, rotary +0.55,
-# residual +0.08, softmax +0.04, silu +0.04, rmsnorm +0.00 -> rmsnorm and products stay at --abits
-DEFAULT_EXTRA_BITS: dict[str, int] = {"residual": 2, "linear_out": 2, "rotary": 2, "silu": 2,
-                                      "lse": 2, "sub": 2, "exp": 2}
+# width classes: the kinds, except that QK^T scores (kind "product") are sized with the softmax
+WIDTHS = tuple(k for k in KINDS if k != "kv") + ("scores",)
+WINDOW_ALIASES = {"softmax": ("scores", "lse", "sub", "exp"), "rmsnorm": ("rmsnorm_ms", "rsqrt")}
+# extra bits over --abits per width class (benchmarks/full_twin.md). stories260K W8A6 leave-one-out
+# from all-256: linear_out +0.72 PPL at 64 levels, rotary +0.55, residual +0.08, softmax +0.04,
+# silu +0.04. SmolLM2 (1 window): RMSNorm at 4096 instead of 64 levels 54.8 -> 36.9 PPL (mean
+# squares span 0..1150), residual at 256 -> 1024 levels 37 -> 30; scores at 256 do not help (30.4 -> 30.8).
+DEFAULT_EXTRA_BITS: dict[str, int] = {"residual": 4, "rmsnorm_ms": 4, "rsqrt": 4, "linear_out": 2, "rotary": 2,
+                                      "silu": 2, "lse": 2, "sub": 2, "exp": 2}
 FULL_METHODS = ("minmax", "mse")
 FULL_METHOD = "minmax"  # ranges of stage results no linear reads (benchmarks/full_twin.md)
 MSE_VALUES = 1 << 15  # values per tensor kept (over all calibration sequences) for the "mse" search
@@ -100,7 +105,7 @@ FULL_META = "ttfsc.full"
 def parse_windows(specs: Sequence[str] | None) -> dict[str, int]:
     """``["softmax=256", "residual=256"]`` -> {kind: bits} (aliases expanded); one clear error otherwise."""
     out: dict[str, int] = {}
-    valid = [k for k in KINDS if k != "kv"] + list(WINDOW_ALIASES)
+    valid = list(WIDTHS) + list(WINDOW_ALIASES)
     for spec in specs or ():
         kind, sep, levels = spec.partition("=")
         kinds = WINDOW_ALIASES.get(kind, (kind,) if kind in valid else ())
@@ -277,9 +282,11 @@ class QPoint:
     mask: str = ""              # additive mask: only positions where it is 0 are calibrated
     shares: str = ""            # kv: the tensor of the quantizer whose parameters it reuses
     lo_zero: bool = False       # range starts at exactly 0 (softmax probabilities)
+    width: str = ""             # width class (WIDTHS); default the kind
 
     def __post_init__(self) -> None:
         self.calib = self.calib or self.tensor
+        self.width = self.width or self.kind
 
 
 def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: Sequence[onnx.NodeProto]) -> list[QPoint]:
@@ -319,7 +326,7 @@ def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: S
         elif op == "MatMul" and len(ins) == 2:
             sm = sm_nodes.get(out)
             if sm is not None:
-                add(QPoint(out, "product", mask=sm["mask"]))
+                add(QPoint(out, "product", mask=sm["mask"], width="scores"))
             else:
                 sink = g.sink(out, lin_in)
                 add(QPoint(out, "product", calib=sink, linear_input=sink in lin_in))
@@ -614,7 +621,7 @@ def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits
         clip_softmax_tails(ranges, softmaxes, width)
     params = {t: qz.activation_params(lo, hi, width[t]) for t, (lo, hi) in ranges.items()}
     t_calib = time.perf_counter() - t0
-    used = {k: window_for_bits(kind_bits(k, abits, windows)) for k in KINDS if k != "kv"}
+    used = {k: window_for_bits(kind_bits(k, abits, windows)) for k in WIDTHS}
     meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method,
             "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in (abits_for or {}).items()),
             "ttfsc.calibration": desc, qz.PREFIX_META: qz.format_ids(prefix.ids) if prefix else "",
@@ -630,7 +637,7 @@ def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits
             "calibration": desc, "calibration_seconds": round(t_calib, 3), "rotation": tf.meta["ttfsc.rotation"],
             "smoothing": tf.meta["ttfsc.smoothing"],
             "prefix": {"tokens": list(prefix.ids), "kv_bytes": prefix.kv_bytes} if prefix else None,
-            "ranges": {p.tensor: {"kind": p.kind, "min": ranges[p.tensor][0], "max": ranges[p.tensor][1],
+            "ranges": {p.tensor: {"kind": p.kind, "width": p.width, "min": ranges[p.tensor][0], "max": ranges[p.tensor][1],
                                   "scale": float(params[p.tensor].scale), "zero_point": params[p.tensor].zero_point,
                                   "levels": params[p.tensor].N + 1} for p in points}}
 
@@ -666,7 +673,7 @@ def _point_bits(p: QPoint, abits: int, windows: dict[str, int], abits_for: dict[
     for pattern, bits in (abits_for or {}).items():
         if pattern in p.tensor or pattern in p.calib:
             return bits
-    return kind_bits(p.kind, abits, windows)
+    return kind_bits(p.width, abits, windows)
 
 
 def _count(points: Iterable[QPoint]) -> str:

@@ -198,15 +198,17 @@ def test_twin_tracks_float_and_wider_windows_track_closer(tiny_llama_onnx, tmp_p
 def test_window_softmax_changes_only_softmax_width(tiny_llama_onnx, full_plain, tmp_path):
     _, summary = _quantize(tiny_llama_onnx, tmp_path / "w" / "model.onnx", windows=["softmax=1024"], **PLAIN)
     base = full_plain[1]["ranges"]
-    softmax = [t for t, r in summary["ranges"].items() if r["kind"] in ("lse", "sub", "exp")]
-    assert len(softmax) == 3 * LAYERS
+    softmax = [t for t, r in summary["ranges"].items() if r["width"] in ("scores", "lse", "sub", "exp")]
+    assert len(softmax) == 4 * LAYERS and all(summary["ranges"][t]["kind"] in ("product", "lse", "sub", "exp")
+                                              for t in softmax), "QK^T scores are products sized with the softmax"
     for t, r in summary["ranges"].items():
         assert r["levels"] == (1024 if t in softmax else base[t]["levels"]), t
         assert t not in softmax or base[t]["levels"] < 1024
     assert summary["windows"]["exp"] == 1024 and summary["windows"]["silu"] == full_plain[1]["windows"]["silu"]
     model = onnx.load(str(tmp_path / "w" / "model.onnx"))
-    wide = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.domain == "com.microsoft"]
-    assert len(wide) == 3 * LAYERS, "10-bit codes travel as uint16 through the contrib Q/DQ"
+    g = Graph(model)
+    q_of = {g.producer[n.input[0]].input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert all(q_of[t].domain == "com.microsoft" for t in softmax), "10-bit codes travel as uint16 (contrib Q/DQ)"
 
 
 @pytest.mark.parametrize("spec", ["softmax", "soft=64", "softmax=100", "softmax=2", "exp=8192", "kv=64", "=64"])
