@@ -100,21 +100,9 @@ def read_corpus(path: str | Path, name: str = "") -> str:
 
 
 def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TtfscError(f"{path}:{lineno}: not valid JSON ({exc}); each line must be one object "
-                                 "such as {\"text\": \"...\"}.") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise TtfscError(f"{path}:{lineno}: no string field \"text\"; a C4-style jsonl line is "
-                                 "{\"text\": \"...\"}.")
-            texts.append(row["text"])
-    return texts
+    """The "text" field of every line of a C4-style jsonl file (tasks.py's checked jsonl reader)."""
+    from ttfsc.compiler.tasks import _jsonl  # tasks imports this module at top level
+    return [row["text"] for _, row in _jsonl(path, {"text": str}, '{"text": "..."}')]
 
 
 def select_windows(total: int, windows: int | None, seed: int = 0, first: bool = False) -> list[int]:
