@@ -6,9 +6,12 @@ input grid (f evaluated in float64 from the QANN's own ops, e.g. x*sigmoid(x)), 
 ``f(a_in)``, and the output grid's Corollary-1 emission (psi = step_out, theta = b - step_out/2),
 so its potential at t_emit is f(x) and it fires at round(f(x)) on the output grid.
 
-A side input (softmax's exp reads ``DQ(d) + mask``, the additive mask 0 or -inf) keeps the
-neuron's body as its run-time form (decode, the QANN's ops, the quantizer), so masked positions
-are exactly the QANN's; the kernels describe the unmasked function.
+A side input (softmax's exp reads ``DQ(d) + mask``, the additive mask 0 or -inf): when the graph
+proves the mask two-valued (a ``Where`` of two constants, moved only by reshapes/slices/expands,
+as Optimum exports it), the neuron is its unmasked table plus an inhibitory gate (a masked
+position fires at the one time of exp(-inf) = 0); otherwise it keeps its body as its run-time
+form (decode, the QANN's ops, the quantizer). Either way masked positions are exactly the
+QANN's; the kernels describe the unmasked function.
 
 Run time: the neuron's realised function is a map from input spike time to output spike time,
 at most 2^n entries. It is obtained by running the QANN's own DQ -> ops -> Q on every input
@@ -24,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from ttfsc.passes.base import GraphIndex, Match, Pass
-from ttfsc.passes.neuron_groups import ELEMENTWISE, Group, NeuronRule, eval_body_f64
+from ttfsc.passes.neuron_groups import ELEMENTWISE, Group, NeuronRule, eval_body_f64, realise_table, two_values
+from ttfsc.runtime.neuron import NeuronSpec
 from ttfsc.ttfs import UniformStage, theorem2_eta
 
 #: recognisable targets, by the set of arithmetic ops in the group
@@ -69,9 +73,31 @@ class ElementwiseToNeuron(NeuronRule):
         kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, step, T - 1)),),
                   c_offset=(float(f(np.float64(a_in))),), weights=(1.0,), synapse="one_to_one", fan_in=1)
 
-    def wants_table(self, grp: Group) -> bool:
-        """A table needs the output to depend on the input time alone: no side input."""
-        return not grp.sides
+    def realise(self, g: GraphIndex, m: Match, spec: NeuronSpec, feeds: list[str]) -> None:
+        """A table of the realised function; with a two-valued mask, a table plus an inhibitory gate.
+
+        Without side input the output depends on the input time alone. With one side input that
+        the graph proves two-valued, {0, v} (softmax's exp: ``d + mask``), the table is the
+        unmasked function and the other value must give one output time for every input time
+        (exp(d + v) below half of p's step: code 0): that time is the gate's. Any other side
+        input keeps the body.
+        """
+        grp: Group = m.nodes["group"]
+        consts = {n: g.const(n) for n in feeds[1 + len(grp.sides):]}
+        opsets = list(g.model.opset_import)
+        if not grp.sides:
+            spec.table = realise_table(spec, feeds, consts, opsets)
+            return
+        vals = two_values(g, grp.sides[0]) if len(grp.sides) == 1 else None
+        if vals is None or 0.0 not in vals:
+            return
+        other = vals[1] if vals[0] == 0.0 else vals[0]
+        side = grp.sides[0]
+        gated = realise_table(spec, feeds, {**consts, side: np.float32(other)}, opsets)
+        if len(set(gated)) != 1:
+            return
+        spec.table = realise_table(spec, feeds, {**consts, side: np.float32(0.0)}, opsets)
+        spec.gate_time = gated[0]
 
 
 class ElementwiseNeurons(Pass):

@@ -293,14 +293,54 @@ class NeuronRule(Rule):
         m.nodes.update(info=info, body=body)
         self.kernels(g, m, kw)
         spec = NeuronSpec(**kw)
-        if self.wants_table(grp):
-            spec.table = realise_table(spec, feeds, {n: g.const(n) for n in feeds[1:]},
-                                        list(g.model.opset_import))
+        self.realise(g, m, spec, feeds)
         name = (grp.emit.name or grp.emit.output[0]).removesuffix("/emit") + f"/{self.kind}_neuron"
         g.replace_node(grp.emit, [spec.make_node(feeds, grp.emit.output[0], name)])
 
-    def wants_table(self, grp: Group) -> bool:
-        return False
+    def realise(self, g: GraphIndex, m: Match, spec: NeuronSpec, feeds: list[str]) -> None:
+        """Give ``spec`` a realised table where its output depends on its input time alone.
+
+        By default a neuron keeps its body (multi-input neurons: the table would be a product of
+        windows); one-input neurons override this.
+        """
+
+
+def constant_value(g: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if g.is_const(name):
+        return np.asarray(g.const(name))
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return onnx.numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+#: ops that only move, copy or select elements: a tensor they produce holds no value their data input lacks
+VALUE_PRESERVING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Identity", "Slice", "Flatten",
+                    "Tile", "Gather"}
+
+
+def two_values(g: GraphIndex, name: str, depth: int = 16) -> tuple[float, float] | None:
+    """The two values a tensor can take, when the graph proves it holds nothing else.
+
+    Follows the data input of value-preserving ops back to a ``Where(cond, a, b)`` with one
+    constant value in each branch (how exports build an additive attention mask: 0 or -inf /
+    the float minimum). Anything else, e.g. a mask fed as a graph input, gives None.
+    """
+    for _ in range(depth):
+        node = g.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in VALUE_PRESERVING:
+            name = node.input[0]
+            continue
+        if node.op_type != "Where":
+            return None
+        vals = [constant_value(g, x) for x in node.input[1:]]
+        if any(v is None or np.unique(v).size != 1 for v in vals):
+            return None
+        return float(np.unique(vals[0])[0]), float(np.unique(vals[1])[0])
+    return None
 
 
 def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarray],

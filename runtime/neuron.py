@@ -27,7 +27,13 @@ Attributes (two families):
   and for a one-input elementwise neuron ``table`` is its realised function, output spike time
   per input spike time (obtained by running ``body`` on every input time).
 
-Lowering: with a ``table``, one Gather on the spike times (no float arithmetic at all);
+* ``gate_time`` (optional, with a ``table``): the neuron's one side input is an additive mask
+  the compiler proved two-valued (0 or a constant so negative that the output is one fixed
+  code: softmax's exp reads ``d + mask``, exp(-inf) = 0). It acts as an inhibitory gate: where
+  the mask is 0 the neuron fires at ``table[t]``, elsewhere at ``gate_time`` whatever t is.
+
+Lowering: with a ``table``, one Gather on the spike times (no float arithmetic at all; a gate
+adds one comparison of the mask with 0 and a select);
 otherwise decode the spike inputs (DequantizeLinear on times, as TTFSDecode), run ``body`` and
 emit through the Corollary-1 quantizer of the output grid. ``core.ttfs.realised_function``
 (Theorem 1) computes what ``eta``/``psi``/``theta``/``c_offset`` realise, and ``ttfsc inspect
@@ -74,6 +80,7 @@ class NeuronSpec:
     synapse_muls: float = 0.0
     muls: float = 0.0
     table: tuple[int, ...] = field(default=())
+    gate_time: int = -1
 
     @property
     def n_spike(self) -> int:
@@ -100,6 +107,8 @@ class NeuronSpec:
             kw["weights"] = [float(v) for v in self.weights]
         if self.table:
             kw["table"] = [int(v) for v in self.table]
+        if self.gate_time >= 0:
+            kw["gate_time"] = int(self.gate_time)
         return helper.make_node(NEURON, inputs, [t], name=name, domain=DOMAIN, **kw)
 
     @classmethod
@@ -115,7 +124,8 @@ class NeuronSpec:
                    tuple(int(v) for v in a["t_refs_in"]), tuple(float(v) for v in a["steps_in"]), tuple(eta),
                    tuple(_read64(a, "c_offset")), tuple(float(v) for v in a.get("weights", [])),
                    _s(a["synapse"]), a["body"], int(a.get("fan_in", 1)), _s(a.get("h", "identity")),
-                   float(a.get("synapse_muls", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])))
+                   float(a.get("synapse_muls", 0.0)), float(a.get("muls", 0.0)), tuple(int(v) for v in a.get("table", [])),
+                   int(a.get("gate_time", -1)))
 
 
 def _f64(values, name: str) -> list[int]:
@@ -144,7 +154,13 @@ def lower_neuron(node: onnx.NodeProto):
     if spec.table:
         table = lw.const(np.asarray(spec.table, dtype=time_dtype(spec.emit.T)), "table")
         idx = lw.op("Cast", [node.input[0]], to=TensorProto.INT64)
-        lw.op("Gather", [table, idx], node.output[0], axis=0)
+        if spec.gate_time < 0:
+            lw.op("Gather", [table, idx], node.output[0], axis=0)
+            return lw
+        t = lw.op("Gather", [table, idx], axis=0)
+        open_ = lw.op("Equal", [node.input[spec.n_spike], lw.const(np.zeros((), np.float32), "zero")])
+        gated = lw.const(np.asarray(spec.gate_time, dtype=time_dtype(spec.emit.T)), "gate_time")
+        lw.op("Where", [open_, t, gated], node.output[0])
         return lw
     v = inline_body(lw, node, spec, decode_times)
     _emit_uniform(lw, v, node.output[0], spec.emit)

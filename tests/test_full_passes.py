@@ -277,6 +277,55 @@ def test_group_neuron_bit_exact(group, bits):
     assert_bit_exact(qann, snn, feeds, out)
 
 
+# ------------------------------------------------------------------ softmax exp with a proven two-valued mask
+
+def _where_mask(b: Builder, lo: str | float = -np.inf) -> str:
+    """The export's additive mask: Where(keep, 0, lo) on a bool graph input, then moved by Expand."""
+    keep = (np.arange(K)[None, :] <= np.arange(S)[:, None] + 1)[None, None]
+    b.inputs.append(h.make_tensor_value_info("keep", TP.BOOL, list(keep.shape)))
+    b.feeds["keep"] = keep
+    other = lo if isinstance(lo, str) else b.const("mask_lo", np.array(lo, np.float32))
+    m = b.op("Where", ["keep", b.const("mask_zero", np.array(0.0, np.float32)), other], "mask4")
+    return b.op("Expand", [m, b.const("mask_shape", np.array([B, 1, S, K], np.int64))], "mask")
+
+
+def _exp_gated(b: Builder, lo: str | float = -np.inf) -> str:
+    return b.op("Exp", [b.op("Add", [_act(b, "d", (B, H, S, K), -8, 0), _where_mask(b, lo)], "dm")], "p")
+
+
+@pytest.mark.parametrize("lo", [-np.inf, float(np.finfo(np.float32).min)])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_masked_exp_becomes_gated_table(lo, bits):
+    """exp(d + mask) with mask in {0, lo} (proved from the graph): a table plus an inhibitory gate."""
+    b = Builder(bits, seed=bits)
+    out = _out_stage(b, _exp_gated(b, lo))
+    qann = b.model([out])
+    snn, _ = compile_full(qann, 1 << bits)
+    ns = neurons(snn)
+    assert len(ns) == 1
+    spec = NeuronSpec.from_node(ns[0])
+    assert spec.target == "exp" and len(spec.table) == 1 << bits and spec.gate_time >= 0
+    assert not any(n.op_type in ("Exp", "QuantizeLinear", "DequantizeLinear") for n in snn.graph.node)
+    assert_bit_exact(qann, snn, b.feeds, out)
+    # masked positions fire at the gate's time, which decodes to p = 0 (code 0 of the zero-point-0 grid)
+    snn.graph.output.append(h.make_empty_tensor_value_info(ns[0].output[0]))
+    t = open_session(snn).run([ns[0].output[0]], b.feeds)[0]
+    keep = np.broadcast_to(b.feeds["keep"], t.shape)
+    assert (t[~keep] == spec.gate_time).all() and (~keep).any()
+
+
+def test_mask_from_a_runtime_value_keeps_the_body():
+    """Where(keep, 0, x) with x a graph input is not provably two-valued: the neuron keeps its body."""
+    b = Builder(6, seed=2)
+    lo = b.input("lo", np.full((1,), -1e4, np.float32))
+    out = _out_stage(b, _exp_gated(b, lo))
+    qann = b.model([out])
+    snn, _ = compile_full(qann, 64)
+    spec = NeuronSpec.from_node(neurons(snn)[0])
+    assert not spec.table and spec.gate_time == -1
+    assert_bit_exact(qann, snn, b.feeds, out)
+
+
 # ------------------------------------------------------------------ negative cases
 
 def test_hybrid_graph_gets_no_neurons():
@@ -413,6 +462,9 @@ def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
     quantize_model(tiny_llama_onnx, qdq, abits=6, full=True, calib_samples=1, calib_seqlen=16, prefix="none",
                    log=lambda *a: None)
     rep = compile_model(str(qdq), str(snn), "auto", log=lambda *a: None)  # kinds may have their own widths
+    specs = [NeuronSpec.from_node(n) for n in load_model(snn).graph.node if is_neuron(n)]
+    exps = [s for s in specs if s.target == "exp"]  # Optimum's mask is a Where of constants: gated tables
+    assert exps and all(s.table and s.gate_time >= 0 for s in exps)
     cov = rep["coverage"]
     assert cov["standard_ops_on_activations"] == {} and cov["ttfs_share_of_ops"] == 1.0
     assert rep["stages_per_block"]["0"]["stages"] > 10
