@@ -252,7 +252,7 @@ def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
 
 # quantize's options that compile forwards when it has to quantize a float model first
 QUANT_OPTIONS = ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen", "prefix",
-                 "rotate", "rotate_seed", "smooth", "abits_for", "online_hadamard")
+                 "rotate", "rotate_seed", "smooth", "abits_for", "online_hadamard", "weight_method")
 
 
 def compile_cli(args) -> int:

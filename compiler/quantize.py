@@ -99,6 +99,7 @@ DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks
 ONLINE_CHOICES = ("auto", "on", "off")  # online Hadamard before down_proj; auto: with a Hadamard rotation, not --full
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
+DEFAULT_WEIGHT_METHOD = {4: "rtn", 8: "rtn"}  # per wbits when --weight-method is not given (compiler/gptq.py)
 
 
 def bits_for(name: str, abits: int, overrides: dict[str, int] | None) -> int:
@@ -608,13 +609,19 @@ def weight_codes(block: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(block / scale), -qmax, qmax).astype(np.int8)
 
 
-def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: modelio.SpillFile) -> tuple[TensorProto, np.ndarray]:
-    """Quantize one [in, out] weight block by block; return its spilled int8 tensor and scales."""
+def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: modelio.SpillFile,
+                    hessian: np.ndarray | None = None) -> tuple[TensorProto, np.ndarray]:
+    """Quantize one [in, out] weight (RTN block by block, or GPTQ given its input Hessian); return its
+    spilled int8 tensor and scales (the same scales either way)."""
     w = inits.value(name)
     scale = weight_scales(w, qmax, name)
     start = spill.begin()
-    for block in _row_blocks(w):
-        spill.write(weight_codes(block, scale, qmax))
+    if hessian is not None:
+        from ttfsc.compiler.gptq import gptq_codes
+        spill.write(gptq_codes(np.asarray(w, dtype=np.float32), scale, qmax, hessian))
+    else:
+        for block in _row_blocks(w):
+            spill.write(weight_codes(block, scale, qmax))
     del w
     return spill.tensor(f"{name}_quantized", TensorProto.INT8, inits.by_name[name].dims, start), scale
 
@@ -707,7 +714,8 @@ def _drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> N
 
 
 def quantize_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], wbits: int,
-                     spill: modelio.SpillFile) -> tuple[list[Chain], set[str]]:
+                     spill: modelio.SpillFile, hessians: dict[str, np.ndarray] | None = None
+                     ) -> tuple[list[Chain], set[str]]:
     """Point each linear at int8 codes + per-channel DQ; returns the DQ chains and replaced weights.
 
     Nodes are rewired in place; the chains are inserted later in one pass (rebuilding the node
@@ -721,7 +729,7 @@ def quantize_weights(model: onnx.ModelProto, linears: list[onnx.NodeProto], wbit
     for node in linears:
         w = node.input[1]
         if w not in done:
-            qt, scale = quantize_weight(inits, w, qmax, spill)
+            qt, scale = quantize_weight(inits, w, qmax, spill, (hessians or {}).get(w))
             qt.name = names(qt.name)
             dq_node, extra, out = weight_chain(qt, scale, names)
             new_inits += [qt, *extra]
@@ -938,11 +946,11 @@ def _transformed(path: str, out_dir: Path, rotate: str, seed: int, alpha: float,
 
 
 def _write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
-                meta: dict[str, str], out_path: str | os.PathLike) -> int:
+                meta: dict[str, str], out_path: str | os.PathLike, hessians: dict[str, np.ndarray] | None = None) -> int:
     """Rewrite ``model`` into the QDQ form and save it; quantized weights pass through a spill file."""
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
     try:
-        w_chains, replaced = quantize_weights(model, linears, wbits, spill)
+        w_chains, replaced = quantize_weights(model, linears, wbits, spill, hessians)
         a_chains = quantize_activations(model, linears, params)
         _insert_before_consumers(model, w_chains + a_chains)
         _drop_unused_initializers(model, replaced)
@@ -958,7 +966,7 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                    calib_seqlen: int = 128, prefix: str = "auto", rotate: str = DEFAULT_ROTATE, rotate_seed: int = 0,
                    smooth: float | None = None, abits_for: Sequence[str] | dict[str, int] | None = None,
                    full: bool = False, windows: Sequence[str] | None = None, online_hadamard: str = "auto",
-                   log: Callable[[str], Any] = print) -> dict:
+                   weight_method: str | None = None, log: Callable[[str], Any] = print) -> dict:
     """Quantize ``model_path`` into a QDQ model at ``out_path``; returns a summary dict.
 
     ``calib`` is None (self-generated text), a plain-text file path, or an iterable of ready feed
@@ -973,9 +981,11 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     quantizes every nonlinearity, product and the residual stream (compiler/quantize_full.py), with
     per-kind ``windows`` such as ``["softmax=256"]``. ``online_hadamard`` (auto, on, off) inserts a
     factored float Hadamard before every down_proj input (auto: with a Hadamard rotation, not --full;
-    SmolLM2 W8A6 33.5 -> 24.1, benchmarks/lowT.md).
+    SmolLM2 W8A6 33.5 -> 24.1, benchmarks/lowT.md). ``weight_method`` is rtn (round to nearest) or
+    gptq (compiler/gptq.py, same grid); None picks ``DEFAULT_WEIGHT_METHOD[wbits]`` (rtn with --full).
     """
     smooth = default_smooth(abits) if smooth is None else smooth
+    weight_method = _resolve_weight_method(weight_method, wbits, full)
     overrides = abits_for if isinstance(abits_for, dict) else parse_bits_overrides(abits_for)
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
     from ttfsc.compiler.quantize_full import parse_windows
@@ -995,14 +1005,26 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
                                           calib_samples, calib_seqlen, log, overrides, kind_windows)
         else:
             summary = _quantize_float(tf, path, out_path, wbits, abits, method, percentile, calib, calib_samples,
-                                      calib_seqlen, log, overrides)
+                                      calib_seqlen, log, overrides, weight_method)
     modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
     return summary
 
 
+def _resolve_weight_method(weight_method: str | None, wbits: int, full: bool) -> str:
+    """None: the measured default per width; --full twins quantize weights by RTN only (no hook there yet)."""
+    if weight_method is None:
+        return "rtn" if full or wbits not in DEFAULT_WEIGHT_METHOD else DEFAULT_WEIGHT_METHOD[wbits]
+    if weight_method not in ("rtn", "gptq"):
+        raise TtfscError(f"--weight-method {weight_method!r}: use rtn or gptq.")
+    if weight_method == "gptq" and full:
+        raise TtfscError("--weight-method gptq is not available with --full yet; use --weight-method rtn.")
+    return weight_method
+
+
 def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, wbits: int, abits: int, method: str,
                     percentile: float, calib: Any, calib_samples: int, calib_seqlen: int,
-                    log: Callable[[str], Any], abits_for: dict[str, int] | None = None) -> dict:
+                    log: Callable[[str], Any], abits_for: dict[str, int] | None = None,
+                    weight_method: str = "rtn") -> dict:
     """Calibrate and quantize the (transformed) float model ``tf.path``; write the QANN and prefix.npz."""
     path = tf.path
     model = modelio.load_model(path)
@@ -1022,12 +1044,19 @@ def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, w
     method_desc = f"percentile {percentile}" if method == "percentile" else method
     meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method_desc,
             "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in (abits_for or {}).items()),
-            "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else "", **tf.meta}
-    n_weights = _write_qann(model, linears, params, wbits, meta, out_path)
+            "ttfsc.calibration": cal.desc, PREFIX_META: format_ids(cal.prefix.ids) if cal.prefix else "", **tf.meta,
+            "ttfsc.weight_method": weight_method}
+    hessians = None
+    if weight_method == "gptq":
+        from ttfsc.compiler.gptq import collect_hessians
+        hessians = collect_hessians(model, path, linears, params, calib, cal.prefix.ids if cal.prefix else None,
+                                    calib_samples, calib_seqlen, log)
+    n_weights = _write_qann(model, linears, params, wbits, meta, out_path, hessians)
     if cal.prefix is not None:
         _save_prefix(cal.prefix, Path(out_path).resolve().parent / PREFIX_FILE)
     summary = {
         "model": original, "output": str(out_path), "wbits": wbits, "abits": abits, "method": method,
+        "weight_method": weight_method,
         "percentile": percentile if method == "percentile" else None, "weights": n_weights,
         "activations": len(params), "skipped": skipped, "calibration": cal.desc,
         "calibration_seconds": round(t_calib, 3), "rotation": tf.meta["ttfsc.rotation"],
@@ -1050,7 +1079,8 @@ def _save_prefix(prefix: Prefix, path: Path) -> None:
 def _log_summary(summary: dict, cal: Calibration, params: dict[str, ActParams], log: Callable[[str], Any]) -> None:
     wbits, abits = summary["wbits"], summary["abits"]
     stored = "int8" if wbits == 8 else "int4 codes stored in int8"
-    log(f"quantized {summary['weights']} weights to {stored} (per channel, |q| <= {WEIGHT_BITS[wbits]}) and "
+    log(f"quantized {summary['weights']} weights to {stored} (per channel, |q| <= {WEIGHT_BITS[wbits]}, "
+        f"{summary['weight_method']}) and "
         f"{len(params)} activations to {abits} bits ({summary['method']}); {len(summary['skipped'])} skipped")
     log(f"calibration: {cal.desc} ({summary['calibration_seconds']:.1f}s)")
     if cal.search:
@@ -1075,5 +1105,6 @@ def quantize_cli(args: Any) -> int:
                    rotate=getattr(args, "rotate", DEFAULT_ROTATE), rotate_seed=getattr(args, "rotate_seed", 0),
                    smooth=getattr(args, "smooth", DEFAULT_SMOOTH), abits_for=getattr(args, "abits_for", None),
                    full=getattr(args, "full", False), windows=getattr(args, "window", None),
-                   online_hadamard=getattr(args, "online_hadamard", "auto"))
+                   online_hadamard=getattr(args, "online_hadamard", "auto"),
+                   weight_method=getattr(args, "weight_method", None))
     return 0
