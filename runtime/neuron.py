@@ -152,15 +152,15 @@ def lower_neuron(node: onnx.NodeProto):
     spec = NeuronSpec.from_node(node)
     lw = Lowering(node.name or node.output[0])
     if spec.table:
-        table = lw.const(np.asarray(spec.table, dtype=time_dtype(spec.emit.T)), "table")
+        entries = list(spec.table) + ([spec.gate_time] if spec.gate_time >= 0 else [])
+        table = lw.const(np.asarray(entries, dtype=time_dtype(spec.emit.T)), "table")
         idx = lw.op("Cast", [node.input[0]], to=TensorProto.INT64)
-        if spec.gate_time < 0:
-            lw.op("Gather", [table, idx], node.output[0], axis=0)
-            return lw
-        t = lw.op("Gather", [table, idx], axis=0)
-        open_ = lw.op("Equal", [node.input[spec.n_spike], lw.const(np.zeros((), np.float32), "zero")])
-        gated = lw.const(np.asarray(spec.gate_time, dtype=time_dtype(spec.emit.T)), "gate_time")
-        lw.op("Where", [open_, t, gated], node.output[0])
+        if spec.gate_time >= 0:
+            # The gate selects on the int64 index (masked positions read the extra last entry,
+            # gate_time): onnxruntime's CPU Where has no uint16 kernel, which windows > 256 use.
+            open_ = lw.op("Equal", [node.input[spec.n_spike], lw.const(np.zeros((), np.float32), "zero")])
+            idx = lw.op("Where", [open_, idx, lw.const(np.asarray(len(spec.table), np.int64), "gate_index")])
+        lw.op("Gather", [table, idx], node.output[0], axis=0)
         return lw
     v = inline_body(lw, node, spec, decode_times)
     _emit_uniform(lw, v, node.output[0], spec.emit)
