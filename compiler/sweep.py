@@ -84,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=None, help="number of windows (seeded random subset; default all)")
     p.add_argument("--first", action="store_true", help="take the first --windows windows instead")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default min(2048, context))")
+    p.add_argument("--calib", default=None, metavar="TEXT",
+                   help="plain-text calibration file (quantize and continuous; default: self-generated text)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration sequences (quantize and continuous)")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")
     p.add_argument("--out", default=".", help="folder for sweep.md, sweep.png and sweep.json")
@@ -191,6 +193,8 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], Any] = print) -> Sw
     sweep = Sweep(str(args.model), str(args.ppl), args.seqlen, args.windows, args.first,
                   command=getattr(args, "command", ""))
     calib = {"calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen}
+    if getattr(args, "calib", None):
+        calib["calib"] = str(args.calib)
     run = Runner(sweep, work, calib, log)
     run.measure("fp", Path(args.model))
     for T in [] if args.no_qann else args.T:
@@ -303,6 +307,7 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     parts += [f for f, on in (("--first", args.first), ("--no-continuous", args.no_continuous),
                               ("--no-qann", args.no_qann)) if on]
+    parts += ["--calib", args.calib] if getattr(args, "calib", None) else []
     parts += ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
               "--out", args.out] + (["--work", args.work] if args.work else [])
     parts += ["--name", args.name] if args.name != "sweep" else []
