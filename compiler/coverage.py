@@ -100,8 +100,10 @@ def _ops(n: onnx.NodeProto, shapes: dict, keys: int, model: onnx.ModelProto) -> 
         return Counter()
     size = float(np.prod(out)) if len(out) else 1.0
     if is_neuron(n):
-        adds, muls = NeuronSpec.from_node(n).ops(keys)
-        return Counter(adds=size * adds, muls=size * muls)
+        from ttfsc.compiler.energy import neuron_fan_in, neuron_ops
+        spec = NeuronSpec.from_node(n)
+        adds, muls = neuron_ops(spec, size, neuron_fan_in(spec, [shapes.get(i) for i in n.input], keys))
+        return Counter(adds=adds, muls=muls)
     if n.domain == DOMAIN and n.op_type == "TTFSReceive":
         w = next((t for t in model.graph.initializer if t.name == n.input[1]), None)
         k = w.dims[0] if w is not None else 1

@@ -16,13 +16,26 @@ Counting rules (per run; the report divides by the run's tokens):
   receive window (``neurons * N_in``) and, in the emission window, adds psi and compares once
   per step (``neurons * steps``). Counted over the whole window, an upper bound: a neuron that
   has fired could be gated off.
+* **TTFSNeuron stages** (fully spiking graphs compiled from ``quantize --full`` twins; the
+  per-neuron rule is ``NeuronSpec.ops``, shared with the compile report's coverage): a neuron
+  with fixed synaptic weights (residual +-1, mean 1/I, log-sum-exp, rotary cos/sin, o_proj's
+  int8 weights, a one-to-one table) adds one weight per incoming spike and synapse, the
+  synapses split evenly over its spike inputs (``neuron_synaptic``). A *product synapse*
+  (QK^T, PV, gate*up, x*r) has a run-time weight, the other operand's value: it costs one
+  multiplication (MUL) and one accumulation per synapse whether or not its spike came (a
+  silent operand still contributes its offset times the weight), plus ``muls`` per neuron.
+  Its receive phase updates every neuron once per step of each input window. A fan-in left
+  open at compile time (-1: a dynamic axis of the export) is read from the run's shapes
+  (``neuron_fan_in``).
 * **Multiply-accumulates (MAC).** Every float operation the graph still runs on activations
   (``FLOAT_OP_COST``: products of two activations such as attention's QK^T and PV, SiLU, the
   RMSNorm chain, softmax, rotary, residual adds), counted from the run's shapes. A MatMul of
   two activations costs ``M*N*K``; an element-wise op one per output element (an add is charged
   as a MAC: conservative for the SNN, and the QANN runs the same ops, so the comparison is fair).
-* **QANN.** The same graph with dense integer MatMuls: ``rows * K * O`` MACs per weight layer
-  (every activation, zero or not), plus the same float ops.
+* **QANN.** Dense integer MatMuls, ``rows * K * O`` MACs per weight layer (every activation,
+  zero or not; a TTFSReceive's or a wired linear neuron's layer), plus the float ops of the
+  QANN's own graph (its activation products, SiLU, RMSNorm, softmax, ... counted by the same
+  rules from its run; for a fully spiking model these are what the neurons replaced).
 * **Data movement.** A TTFS spike is stored / routed with its time, ``log2(T)`` bits; a rate
   spike is a 1-bit event. A QANN activation is moved as its ``n``-bit code. Weight reads are not
   counted: both networks read the same weights (an event-driven SNN only the rows of spiking inputs).
@@ -32,6 +45,7 @@ Counting rules (per run; the report divides by the run's tokens):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,6 +55,7 @@ from ttfsc.ttfs import rate_spike_count, spike_count
 # Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm): 32-bit float add 0.9 pJ, mult 3.7 pJ
 # (a MAC = 4.6 pJ); an 8 KB SRAM read of 64 bits ~10 pJ, i.e. ~0.16 pJ per bit.
 E_AC_PJ = 0.9
+E_MUL_PJ = 3.7
 E_MAC_PJ = 4.6
 E_BIT_PJ = 0.16
 E_STATIC_PJ = 0.0
@@ -63,6 +78,7 @@ class EnergyConstants:
     e_bit: float = E_BIT_PJ
     e_static: float = E_STATIC_PJ
     e_mac_dense: float | None = None  # the QANN's weight MatMuls; None: e_mac
+    e_mul: float = E_MUL_PJ           # a product synapse's multiplication (its add is an AC)
 
     @property
     def dense(self) -> float:
@@ -71,7 +87,9 @@ class EnergyConstants:
 
 # The same source's integer prices: an AC is a 32-bit integer add (0.1 pJ); the QANN's weight MAC an
 # 8-bit multiply (0.2 pJ) plus a 32-bit accumulate (0.1 pJ). Float ops stay at the fp32 MAC price.
-INT_PRICES = EnergyConstants(e_ac=0.1, e_mac=E_MAC_PJ, e_bit=E_BIT_PJ, e_static=E_STATIC_PJ, e_mac_dense=0.3)
+# A product synapse's multiplication: 8-bit multiply (0.2 pJ), its operands being activation codes.
+INT_PRICES = EnergyConstants(e_ac=0.1, e_mac=E_MAC_PJ, e_bit=E_BIT_PJ, e_static=E_STATIC_PJ, e_mac_dense=0.3,
+                             e_mul=0.2)
 
 
 def spikes_of(out: np.ndarray, coding: str, T: int) -> int:
@@ -105,6 +123,49 @@ def dense_macs(rows: int, K: int, O: int) -> int:
     return int(rows) * int(K) * int(O)
 
 
+def neuron_fan_in(spec, in_shapes: Sequence[tuple[int, ...] | None], keys: int) -> int:
+    """Synapses per output neuron of a TTFSNeuron, with a fan-in left open at compile time resolved.
+
+    ``in_shapes``: the run's shapes of the node's inputs (spike inputs first, then side inputs
+    and constants); ``keys``: the attention's key count on that run. Passes write -1 when the
+    summed axis is dynamic in the export: a wired linear (o_proj) sums over its weight's rows,
+    a product (P.V) over the keys, the others (mean square, log-sum-exp) over their input's
+    last axis.
+    """
+    if spec.fan_in > 0:
+        return int(spec.fan_in)
+    if spec.target == "matmul_weights":
+        w = next((s for s in in_shapes[spec.n_spike:] if s is not None and len(s) == 2), None)
+        if w is not None:
+            return int(w[0])
+    first = in_shapes[0] if in_shapes else None
+    if spec.kind == "product" or not first:
+        return int(keys)
+    return int(first[-1])
+
+
+def neuron_ops(spec, out_size: int, fan_in: int) -> tuple[float, float]:
+    """(accumulations, multiplications) of all ``out_size`` neurons of a TTFSNeuron, every synapse counted."""
+    adds, muls = spec.ops(fan_in)
+    return float(out_size) * adds, float(out_size) * muls
+
+
+def neuron_synaptic(spec, out_size: int, fan_in: int, inputs: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """(ACs, MULs) a TTFSNeuron spends on its synapses given (neurons, spikes) of each spike input.
+
+    Fixed weights: one AC per incoming spike and synapse. The ``out_size * fan_in`` synapses
+    are split evenly over the spike inputs (one per output for a residual add's two inputs),
+    and each input's share is fed by its neurons alike, so an input delivers ``spikes / neurons``
+    of its share. Product synapses: every synapse (the weight is a run-time value, see the
+    module docstring).
+    """
+    synapses, muls = neuron_ops(spec, out_size, fan_in)
+    if spec.synapse == "operand" or not inputs:
+        return synapses, muls
+    share = synapses / len(inputs)
+    return sum(share * spikes / neurons for neurons, spikes in inputs if neurons > 0), muls
+
+
 def float_op_macs(op_type: str, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> float:
     """MAC-equivalents of one float node from its run-time shapes (0 for ops that only move data)."""
     if op_type == "MatMul":
@@ -124,6 +185,7 @@ class Counts:
     silent: float = 0.0
     ac_synaptic: float = 0.0
     ac_neuron: float = 0.0
+    mul_synaptic: float = 0.0
     mac_dense: float = 0.0
     mac_float: float = 0.0
     move_bits: float = 0.0
@@ -141,6 +203,7 @@ def snn_energy(c: Counts, e: EnergyConstants) -> dict[str, float]:
     return {
         "AC synaptic (spikes x fan-out)": c.ac_synaptic * e.e_ac,
         "AC neuron updates (per step)": c.ac_neuron * e.e_ac,
+        "MUL product synapses (run-time weights)": c.mul_synaptic * e.e_mul,
         "MAC float ops left in the graph": c.mac_float * e.e_mac,
         "spike-time storage/routing": c.move_bits * e.e_bit,
         "static (per neuron per step)": c.neuron_steps * e.e_static,

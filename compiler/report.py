@@ -4,7 +4,9 @@ The spiking model runs once on the given text with every stage's potential and s
 fetched (as ``ttfsc verify``'s probes do); the float reference (the QANN with its activation
 Clip -> QuantizeLinear -> DequantizeLinear chains bypassed: float activations, same weights)
 runs on the same tokens. Shapes of the float ops still in the graph come from further runs of
-the spiking model, so attention's cost grows with the text's real length. The counting rules
+the spiking model (and of the QANN, for the QANN's own float ops), so attention's cost grows
+with the text's real length. TTFSNeuron stages (fully spiking compiles of ``quantize --full``
+twins) are counted by their synapses: see ``ttfsc.compiler.energy``. The counting rules
 and energy constants live in ``ttfsc.compiler.energy``; the raster and membrane traces are
 stepped by the reference simulator (``ttfsc.simulator``) on one stage's real weights and
 input spikes, and the report states whether they reproduce the runtime's numbers.
@@ -29,9 +31,9 @@ import onnx
 from onnx import helper
 
 from ttfsc.compiler.energy import (
-    Counts, EnergyConstants, INT_PRICES, E_AC_PJ, E_BIT_PJ, E_MAC_PJ, E_STATIC_PJ, REDUCE_OPS, FLOAT_OP_COST,
-    bits_per_spike, clipping_term, dense_macs, float_op_macs, grid_terms, neuron_updates,
-    qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
+    Counts, EnergyConstants, INT_PRICES, E_AC_PJ, E_BIT_PJ, E_MAC_PJ, E_MUL_PJ, E_STATIC_PJ, REDUCE_OPS,
+    FLOAT_OP_COST, bits_per_spike, clipping_term, dense_macs, float_op_macs, grid_terms, neuron_fan_in,
+    neuron_synaptic, neuron_updates, qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
 from ttfsc.compiler.errors import TtfscError
 
 HELP = "markdown report with plots: latency, spikes, AC/MAC counts, energy vs the QANN, error vs Theorem 3"
@@ -47,6 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=256, help="tokens of the text to run (default 256)")
     p.add_argument("--e-ac", type=float, default=E_AC_PJ, help=f"pJ per accumulate (default {E_AC_PJ}, 45 nm fp32 add)")
     p.add_argument("--e-mac", type=float, default=E_MAC_PJ, help=f"pJ per multiply-accumulate (default {E_MAC_PJ}, 45 nm)")
+    p.add_argument("--e-mul", type=float, default=E_MUL_PJ,
+                   help=f"pJ per multiplication of a product synapse (TTFSNeuron; default {E_MUL_PJ}, 45 nm fp32 mult)")
     p.add_argument("--e-mac-dense", type=float, default=None,
                    help="pJ per MAC of the QANN's integer weight MatMuls (default: --e-mac)")
     p.add_argument("--e-bit", type=float, default=E_BIT_PJ,
@@ -95,9 +99,9 @@ class Stage:
     coding: str
     T: int            # code levels (TTFS window; rate: steps + 1)
     steps: int        # time steps it costs (latency)
-    v: str            # potential (emit input)
+    v: str | None     # potential (emit input); None for a TTFSNeuron (its potential stays inside the node)
     out: str          # spike times / counts
-    x: str            # the un-quantized tensor in the float reference
+    x: str | None     # the un-quantized tensor in the float reference; None: none (a KV past encoder)
     step: float       # value of one code step
     t_ref: int        # TTFS: value 0 sits at t_ref; rate: unused
     zero_point: int
@@ -113,6 +117,7 @@ def _kind(name: str) -> str:
 
 def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: str) -> list[Stage]:
     """Every emission of ``snn``; with ``qann``, also the float tensor each stands for (else its potential)."""
+    from ttfsc.runtime.neuron import is_neuron
     from ttfsc.runtime.ops import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
     from ttfsc.ttfs import RateStage, UniformStage
     producers = {o: n for n in qann.graph.node for o in n.output} if qann is not None else None
@@ -124,7 +129,11 @@ def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: st
         if CODING_OF_EMIT[n.op_type] not in ("ttfs", "rate"):
             raise TtfscError(f"{snn_path}: stage {n.name} is {CODING_OF_EMIT[n.op_type]}-coded; `ttfsc report` covers "
                              "TTFS and rate models (compile --coding ttfs or rate from a QDQ model).")
-        x = n.input[0] if producers is None else _float_tensor(n.name, e.qann_tensor, producers)
+        v = None if is_neuron(n) else n.input[0]
+        if producers is None:
+            x = v
+        else:  # a KV-cache past encoder (kv_relay) stands for no QANN tensor of its own
+            x = _float_tensor(n.name, e.qann_tensor, producers) if e.qann_tensor else None
         if isinstance(e, RateEmitSpec):
             rs: object = RateStage(e.threshold, e.zero_point, e.N)
             step, t_ref, zp = e.threshold, 0, e.zero_point
@@ -132,7 +141,7 @@ def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: st
             rs = UniformStage(e.step, e.N - e.t_ref, e.T)
             step, t_ref, zp = e.step, e.t_ref, e.N - e.t_ref
         a, b = rs.clip_bounds()
-        out.append(Stage(n.name, _kind(n.name), CODING_OF_EMIT[n.op_type], e.T, stage_steps(n), n.input[0],
+        out.append(Stage(n.name, _kind(n.name), CODING_OF_EMIT[n.op_type], e.T, stage_steps(n), v,
                          n.output[0], x, float(step), t_ref, zp, float(a), float(b), e))
     if not out:
         raise TtfscError(f"{snn_path}: not a spiking model (no TTFSEmit or RateEmit stage). "
@@ -229,16 +238,27 @@ def _run(gen, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
     return dict(zip(names, gen.session.run(names, feeds)))
 
 
+def _keys(gen, ids: list[int]) -> int:
+    """Attention keys of a full-sequence run: the attention mask's length (prefix + tokens)."""
+    feeds = gen.feeds(np.asarray([ids], dtype=np.int64), None)
+    return int(feeds["attention_mask"].shape[1]) if "attention_mask" in feeds else len(ids)
+
+
 def _counted_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Float-op nodes of the graph, less MatMuls by dequantized int8 weights (counted as dense MACs)."""
+    inits = {t.name for t in model.graph.initializer}
+    weights = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     return [n for n in model.graph.node if n.domain in ("", "ai.onnx")
-            and (n.op_type == "MatMul" or n.op_type in FLOAT_OP_COST or n.op_type in REDUCE_OPS)]
+            and (n.op_type == "MatMul" or n.op_type in FLOAT_OP_COST or n.op_type in REDUCE_OPS)
+            and not (n.op_type == "MatMul" and n.input[1] in weights)]
 
 
 def float_op_counts(snn: onnx.ModelProto, ids: list[int]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """MAC-equivalents of the float ops left in the graph, from the shapes of real runs.
+    """MAC-equivalents of the float ops left in a graph (spiking model or QANN), from real runs' shapes.
 
     Returns (total, by kind, by op type). Runs the model once per SHAPE_BATCH tensors so that
-    no run holds every intermediate tensor at once; integer (shape arithmetic) nodes are skipped.
+    no run holds every intermediate tensor at once; integer (shape arithmetic) nodes are skipped,
+    and so are MatMuls by dequantized int8 weights (a QANN's weight layers: dense MACs).
     """
     nodes = _counted_nodes(snn)
     inits = {t.name: tuple(t.dims) for t in snn.graph.initializer}
@@ -300,8 +320,10 @@ def stage_rows(stages: list[Stage], snn_out: dict, ref_out: dict, n_tokens: int)
     rows = []
     for s in stages:
         out = snn_out[s.out]
-        xs, xf, v = decode(s, out).astype(np.float64), ref_out[s.x].astype(np.float64), snn_out[s.v].astype(np.float64)
-        err = np.abs(xs - xf)
+        xs = decode(s, out).astype(np.float64)
+        v = snn_out[s.v].astype(np.float64) if s.v is not None else None
+        xf = ref_out[s.x].astype(np.float64) if s.x is not None else v if v is not None else xs
+        err = _errors(xs, xf, v)
         clip_mean, clip_share = clipping_term(xf, s.a, s.b)
         grid_max, grid_rms = grid_terms(s.step)
         rows.append({
@@ -309,13 +331,26 @@ def stage_rows(stages: list[Stage], snn_out: dict, ref_out: dict, n_tokens: int)
             "neurons_per_token": out.size / n_tokens, "spikes_per_token": spikes_of(out, s.coding, s.T) / n_tokens,
             "spikes_per_neuron": spikes_of(out, s.coding, s.T) / max(out.size, 1),
             "silent_fraction": silent_of(out, s.coding, s.T) / max(out.size, 1),
-            "err_mean": float(err.mean()), "err_max": float(err.max()), "err_rms": float(np.sqrt((err ** 2).mean())),
-            "err_input_mean": float(np.abs(v - xf).mean()),
-            "err_own_mean": float(np.abs(xs - v).mean()),
+            **err,
             "clip_mean": clip_mean, "clip_share": clip_share, "grid_max": grid_max, "grid_rms": grid_rms,
             "a": s.a, "b": s.b, "step": s.step,
         })
     return rows
+
+
+def _errors(xs: np.ndarray, xf: np.ndarray, v: np.ndarray | None) -> dict[str, float]:
+    """Mean/max/RMS |x_snn - x_float|, and the parts carried in (|V - x_float|) and own (|x_snn - V|).
+
+    NaN where undefined: an empty tensor (a KV past encoder before any cache), or the parts of a
+    TTFSNeuron, whose potential V is internal to the node.
+    """
+    nan = float("nan")
+    if xs.size == 0:
+        return dict(err_mean=nan, err_max=nan, err_rms=nan, err_input_mean=nan, err_own_mean=nan)
+    err = np.abs(xs - xf)
+    return dict(err_mean=float(err.mean()), err_max=float(err.max()), err_rms=float(np.sqrt((err ** 2).mean())),
+                err_input_mean=float(np.abs(v - xf).mean()) if v is not None else nan,
+                err_own_mean=float(np.abs(xs - v).mean()) if v is not None else nan)
 
 
 def _receives(snn: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -324,8 +359,42 @@ def _receives(snn: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in snn.graph.node if n.domain == DOMAIN and n.op_type in (RECEIVE, RATE_RECEIVE)]
 
 
-def count_network(snn: onnx.ModelProto, stages: list[Stage], snn_out: dict) -> tuple[Counts, Counts]:
-    """(SNN, QANN) totals of spikes, ACs, dense MACs, bits moved and neuron steps on the run."""
+def neuron_probes(snn: onnx.ModelProto) -> list[str]:
+    """Tensors the TTFSNeuron counts read: every non-initializer input (spike times, side inputs)."""
+    from ttfsc.runtime.neuron import is_neuron
+    inits = {t.name for t in snn.graph.initializer}
+    return [i for n in snn.graph.node if is_neuron(n) for i in n.input if i and i not in inits]
+
+
+def count_neurons(snn: onnx.ModelProto, snn_out: dict, keys: int, snn_c: Counts, qann_c: Counts) -> None:
+    """Add every TTFSNeuron's synaptic ACs, product MULs and receive-phase updates (and a wired
+    linear's dense MACs to the QANN) to the counts. ``snn_out`` holds ``neuron_probes``' tensors."""
+    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+    dims = {t.name: tuple(t.dims) for t in snn.graph.initializer}
+    for n in (n for n in snn.graph.node if is_neuron(n)):
+        spec = NeuronSpec.from_node(n)
+        out_size = int(snn_out[n.output[0]].size)
+        shapes = [dims.get(i) or (tuple(snn_out[i].shape) if i in snn_out else None) for i in n.input]
+        k = neuron_fan_in(spec, shapes, keys)
+        inputs = [(int(snn_out[i].size), spikes_of(snn_out[i], "ttfs", T))
+                  for i, T in zip(n.input[:spec.n_spike], spec.windows_in)]
+        acs, muls = neuron_synaptic(spec, out_size, k, inputs)
+        snn_c.ac_synaptic += acs
+        snn_c.mul_synaptic += muls
+        steps_in = sum(T - 1 for T in spec.windows_in)
+        snn_c.ac_neuron += neuron_updates(out_size, steps_in)
+        snn_c.neuron_steps += neuron_updates(out_size, steps_in)
+        if spec.target == "matmul_weights":  # o_proj behind wiring: the QANN's int8 weight MatMul
+            qann_c.mac_dense += float(out_size) * k
+
+
+def count_network(snn: onnx.ModelProto, stages: list[Stage], snn_out: dict,
+                  keys: int | None = None) -> tuple[Counts, Counts]:
+    """(SNN, QANN) totals of spikes, ACs, MULs, dense MACs, bits moved and neuron steps on the run.
+
+    ``keys``: the attention's key count on the run (a product neuron's open fan-in); with
+    TTFSNeuron stages ``snn_out`` must also hold ``neuron_probes(snn)``.
+    """
     by_out = {s.out: s for s in stages}
     dims = {t.name: tuple(t.dims) for t in snn.graph.initializer}
     snn_c, qann_c = Counts(), Counts()
@@ -353,15 +422,21 @@ def count_network(snn: onnx.ModelProto, stages: list[Stage], snn_out: dict) -> t
         snn_c.ac_neuron += neuron_updates(rows * O, s.spec.N)
         snn_c.neuron_steps += neuron_updates(rows * O, s.spec.N)
         qann_c.mac_dense += dense_macs(rows, K, O)
+    count_neurons(snn, snn_out, keys or 0, snn_c, qann_c)
     return snn_c, qann_c
 
 
 # ---------------------------------------------------------------- raster and membrane traces
 
 def pick_trace_stage(snn: onnx.ModelProto, stages: list[Stage], which: str | None) -> tuple[Stage, onnx.NodeProto]:
-    """The stage to trace (first, or first whose name contains ``which``) and a receive reading it."""
+    """The stage to trace (first, or first whose name contains ``which``) and a receive reading it.
+
+    A TTFSEmit / RateEmit stage is preferred: a TTFSNeuron's potential is internal to the node, so
+    only its receive side can be stepped (a fully spiking graph has receives after neurons only).
+    """
     readers = {r.input[0]: r for r in reversed(_receives(snn))}
     cands = [s for s in stages if s.out in readers and (which is None or which in s.name)]
+    cands = [s for s in cands if s.v is not None] or cands  # prefer a stage whose potential can be stepped
     if not cands:
         raise TtfscError(f"--trace-stage {which!r}: no stage of the model matches (stages look like {stages[0].name!r}).")
     return cands[0], readers[cands[0].out]
@@ -391,7 +466,7 @@ def simulate_trace(snn: onnx.ModelProto, s: Stage, r: onnx.NodeProto, snn_out: d
     from ttfsc import simulator as sim
     K = snn_out[s.out].shape[-1]
     spikes = snn_out[s.out].reshape(-1, K)[-1].astype(np.int64)
-    v = snn_out[s.v].reshape(-1, K)[-1].astype(np.float64)
+    v = snn_out[s.v].reshape(-1, K)[-1].astype(np.float64) if s.v is not None else None
     runtime_v = snn_out[r.output[0]].reshape(-1, snn_out[r.output[0]].shape[-1])[-1]
     cols = np.arange(min(n, runtime_v.size))
     w = _weights(snn, r, cols)
@@ -413,10 +488,14 @@ def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, 
                 runtime_v: np.ndarray, n: int) -> dict:
     from ttfsc.runtime.ops import ReceiveSpec
     e = s.spec
-    tr = sim.emit(v, np.asarray(e.psi), e.theta, e.N, e.t_ref, e.tie_rule)
-    pick = _pick_fired(tr.times, tr.times < e.N, n)
-    table = np.concatenate([[0.0], np.cumsum(np.asarray(e.psi, dtype=np.float64))])[: e.N + 1]
-    emit_traces = v[pick, None] + table[None, :]
+    if v is None:  # a TTFSNeuron: no potential to step; its real spike times still drive the receive
+        pick, emit_traces, emit_times, matches = np.zeros(0, int), np.zeros((0, e.N + 1)), np.zeros(0, int), None
+    else:
+        tr = sim.emit(v, np.asarray(e.psi), e.theta, e.N, e.t_ref, e.tie_rule)
+        pick = _pick_fired(tr.times, tr.times < e.N, n)
+        table = np.concatenate([[0.0], np.cumsum(np.asarray(e.psi, dtype=np.float64))])[: e.N + 1]
+        emit_traces, emit_times = v[pick, None] + table[None, :], tr.times[pick]
+        matches = int(np.count_nonzero(tr.times == t))
     rs = ReceiveSpec.from_node(r)
     N_in = rs.T_in - 1
     eta = np.asarray(rs.eta, dtype=np.float64)
@@ -425,9 +504,9 @@ def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, 
                      for k in range(N_in + 1)], axis=1)
     return {"coding": "ttfs", "stage": s.name, "receiver": r.name, "N": e.N, "N_in": N_in,
             "raster_times": t, "raster_fired": t < e.N, "theta": float(e.theta),
-            "emit_traces": emit_traces, "emit_times": tr.times[pick], "emit_neurons": pick,
+            "emit_traces": emit_traces, "emit_times": emit_times, "emit_neurons": pick,
             "receive_traces": recv,
-            "sim_matches_runtime_spikes": int(np.count_nonzero(tr.times == t)), "neurons": int(t.size),
+            "sim_matches_runtime_spikes": matches, "neurons": int(t.size),
             "receive_max_abs_diff": float(np.abs(recv[:, -1] - runtime_v).max()),
             "receive_scale": float(np.abs(runtime_v).max())}
 
@@ -594,6 +673,7 @@ def build_report(model: str, text: str, qann: str | None = None, tokens: int = 2
     """
     from ttfsc.compiler.modelio import load_model
     from ttfsc.compiler.pipeline import latency_per_token, stages as pipeline_stages
+    from ttfsc.runtime.neuron import is_neuron
     from ttfsc.runtime.tokenizer import load_tokenizer
     snn_path = Path(model)
     snn = load_model(snn_path)
@@ -603,24 +683,26 @@ def build_report(model: str, text: str, qann: str | None = None, tokens: int = 2
     stages = find_stages(snn, qann_model, str(snn_path))
     trace_s, trace_r = pick_trace_stage(snn, stages, trace_stage)
     ids = load_tokenizer(snn_path).encode(body, bos=True)[:tokens]
-    probes = [n for s in stages for n in (s.v, s.out)] + [trace_r.output[0]]
+    probes = [n for s in stages for n in (s.v, s.out) if n] + [trace_r.output[0]] + neuron_probes(snn)
     gen = _generator(snn, probes)
     ids = gen.strip_bos(ids)
     if len(ids) < 2:
         raise TtfscError(f"{text}: gives {len(ids)} token(s); give --text a longer text (and --tokens >= 2).")
     prefix = gen.prefix_cost()["tokens"]
+    keys = _keys(gen, ids)
     snn_out = _run(gen, ids, probes)
     del gen
     ref, pairs = float_reference(qann_model)
-    gen = _generator(ref, [s.x for s in stages], float_only=True)
-    ref_out = _run(gen, ids, [s.x for s in stages])
+    xs = [s.x for s in stages if s.x is not None]
+    gen = _generator(ref, xs, float_only=True)
+    ref_out = _run(gen, ids, xs)
     del gen
     n_tok = len(ids)
     rows = stage_rows(stages, snn_out, ref_out, n_tok)
-    snn_c, qann_c = count_network(snn, stages, snn_out)
-    mac_float, by_kind, by_op = float_op_counts(snn, ids)
-    for c in (snn_c, qann_c):
-        c.mac_float, c.mac_float_by_kind = mac_float, dict(by_kind)
+    snn_c, qann_c = count_network(snn, stages, snn_out, keys)
+    snn_c.mac_float, by_kind, by_op = float_op_counts(snn, ids)
+    snn_c.mac_float_by_kind = by_kind
+    qann_c.mac_float, qann_c.mac_float_by_kind, qann_by_op = float_op_counts(qann_model, ids)
     snn_t, qann_t = snn_c.scaled(1 / n_tok), qann_c.scaled(1 / n_tok)
     e_snn, e_qann = snn_energy(snn_t, constants), qann_energy(qann_t, constants)
     lat_stages = pipeline_stages(snn)
@@ -634,7 +716,10 @@ def build_report(model: str, text: str, qann: str | None = None, tokens: int = 2
                     "per_stage": [{"stage": s["stage"], "steps": s["steps"]} for s in lat_stages]},
         "spikes": {"per_token": snn_t.spikes, "neurons_per_token": snn_t.neurons,
                    "per_neuron": snn_c.spikes / max(snn_c.neurons, 1), "silent_fraction": snn_c.silent / max(snn_c.neurons, 1)},
-        "ops_per_token": {"snn": asdict(snn_t), "qann": asdict(qann_t), "float_ops_by_op": {k: v / n_tok for k, v in by_op.items()}},
+        "ops_per_token": {"snn": asdict(snn_t), "qann": asdict(qann_t), "keys": keys,
+                          "neuron_stages": sum(1 for n in snn.graph.node if is_neuron(n)),
+                          "float_ops_by_op": {k: v / n_tok for k, v in by_op.items()},
+                          "qann_float_ops_by_op": {k: v / n_tok for k, v in qann_by_op.items()}},
         "energy_constants_pj": asdict(constants),
         "energy_pj_per_token": {"snn": e_snn, "qann": e_qann, "snn_total": sum(e_snn.values()),
                                 "qann_total": sum(e_qann.values())},
@@ -712,24 +797,34 @@ def _md_spikes(r: dict, img: str) -> list[str]:
 
 
 def _md_ops(r: dict) -> list[str]:
-    s, q = r["ops_per_token"]["snn"], r["ops_per_token"]["qann"]
+    ops = r["ops_per_token"]
+    s, q = ops["snn"], ops["qann"]
     md = ["## Operations per token", "",
           "AC: one per incoming spike and synapse (the weight joins the neuron's ramp) plus one per neuron per "
           "step of its receive and emission windows (an upper bound: a fired neuron could be gated off). MAC: "
           "every float op still in the graph, counted from the run's shapes (MatMul M*N*K, element-wise 1 per "
           "element, softmax 3, reduce 1 per input; adds charged as MACs). Attention counts the graph's full "
           "score matrix (the export masks future positions rather than skipping them; a causal kernel does about "
-          "half). QANN: dense integer MatMuls on the same rows plus the same float ops. Rules: "
+          "half). QANN: dense integer MatMuls on the same rows plus the float ops of its own graph. Rules: "
           "`ttfsc/compiler/energy.py`.", ""]
+    if ops.get("neuron_stages"):
+        md += [f"{ops['neuron_stages']} TTFSNeuron stages (nonlinear, product and multi-input neurons): a fixed "
+               "weight costs one AC per incoming spike and synapse; a product synapse (QK^T, PV, gate*up, x*r), "
+               "whose weight is the other operand's run-time value, one MUL and one AC per synapse, spike or not; "
+               "each neuron updates once per step of its input windows. Their float work stays on the QANN's "
+               f"side as its float ops (attention over {ops['keys']} keys).", ""]
     md += _table(["quantity per token", "SNN", "QANN"], [
         ["AC, synaptic (spikes x fan-out)", s["ac_synaptic"], 0],
         ["AC, neuron updates per step", s["ac_neuron"], 0],
+        ["MUL, product synapses (run-time weights)", s.get("mul_synaptic", 0), 0],
         ["MAC, dense weight MatMuls", 0, q["mac_dense"]],
         ["MAC, float ops left in the graph", s["mac_float"], q["mac_float"]],
         ["bits stored/routed (spike times log2 T; activations n bits)", s["move_bits"], q["move_bits"]],
         ["neuron-steps (static energy base)", s["neuron_steps"], 0]])
-    return md + _table(["float ops by purpose (both networks)", "MAC per token"],
-                       [[k, v] for k, v in sorted(s["mac_float_by_kind"].items(), key=lambda kv: -kv[1])])
+    kinds = sorted(set(s["mac_float_by_kind"]) | set(q["mac_float_by_kind"]),
+                   key=lambda k: -max(s["mac_float_by_kind"].get(k, 0), q["mac_float_by_kind"].get(k, 0)))
+    return md + _table(["float ops by purpose", "SNN MAC per token", "QANN MAC per token"],
+                       [[k, s["mac_float_by_kind"].get(k, 0.0), q["mac_float_by_kind"].get(k, 0.0)] for k in kinds])
 
 
 def _md_energy(r: dict, img: str) -> list[str]:
@@ -737,8 +832,9 @@ def _md_energy(r: dict, img: str) -> list[str]:
     s, q = r["ops_per_token"]["snn"], r["ops_per_token"]["qann"]
     md = ["## Energy per token", "",
           f"Constants (pJ): E_AC {c['e_ac']}, E_MAC {c['e_mac']} (QANN weight MatMuls "
-          f"{c['e_mac'] if c['e_mac_dense'] is None else c['e_mac_dense']}), per bit stored/routed {c['e_bit']}, "
-          f"static per neuron per step {c['e_static']} (flags --e-ac, --e-mac, --e-mac-dense, --e-bit, --e-static; "
+          f"{c['e_mac'] if c['e_mac_dense'] is None else c['e_mac_dense']}), E_MUL of a product synapse "
+          f"{c.get('e_mul', E_MUL_PJ)}, per bit stored/routed {c['e_bit']}, "
+          f"static per neuron per step {c['e_static']} (flags --e-ac, --e-mac, --e-mac-dense, --e-mul, --e-bit, --e-static; "
           "defaults: 45 nm, Horowitz ISSCC 2014; static 0 = not modelled). Weight reads are not counted (same "
           "weights in both).", ""]
     names = list(en["snn"]) + [k for k in en["qann"] if k not in en["snn"]]
@@ -758,14 +854,25 @@ def _md_energy(r: dict, img: str) -> list[str]:
         f"spikes per neuron), so the synaptic ACs are {100 * share:.1f}% of the QANN's dense MACs: {why} The "
         "default constants price the QANN's int8 MatMuls as fp32 MACs. At the same source's integer prices "
         f"(AC = 32-bit integer add {INT_PRICES.e_ac} pJ, QANN MAC = 8-bit multiply + 32-bit accumulate "
-        f"{INT_PRICES.dense} pJ, float ops still {INT_PRICES.e_mac} pJ): SNN {ip['snn_total'] / 1e6:.3g} uJ vs QANN "
+        f"{INT_PRICES.dense} pJ, product-synapse MUL {INT_PRICES.e_mul} pJ, float ops still {INT_PRICES.e_mac} pJ): SNN {ip['snn_total'] / 1e6:.3g} uJ vs QANN "
         f"{ip['qann_total'] / 1e6:.3g} uJ per token (ratio {ip['snn_total'] / max(ip['qann_total'], 1e-30):.3f}).",
         "", f"![energy]({img})", ""]
 
 
+def _nanmean(values: list[float]) -> float:
+    """Mean over the defined values (a TTFSNeuron has no potential of its own to split its error by)."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x[~np.isnan(x)].mean()) if np.any(~np.isnan(x)) else float("nan")
+
+
+def _nanmax(values: list[float]) -> float:
+    x = np.asarray(values, dtype=np.float64)
+    return float(x[~np.isnan(x)].max()) if np.any(~np.isnan(x)) else float("nan")
+
+
 def _md_error(r: dict, img: str) -> list[str]:
     err, rows = r["error"], r["error"]["stages"]
-    mean = lambda k, v=rows: float(np.mean([x[k] for x in v]))  # noqa: E731
+    mean = lambda k, v=rows: _nanmean([x[k] for x in v])  # noqa: E731
     md = ["## Error against the float network (Theorem 3)", "",
           f"Float reference: the QANN with its {r['float_reference_pairs_removed']} activation Clip -> "
           "QuantizeLinear -> DequantizeLinear chains bypassed (float activations, same weights), run on the same "
@@ -778,13 +885,15 @@ def _md_error(r: dict, img: str) -> list[str]:
           f"grid, summed over L layers of I neurons. Here, over all stages, the error carried in averages "
           f"{mean('err_input_mean'):.3g} against {mean('err_own_mean'):.3g} for a stage's own rounding and "
           f"{mean('clip_mean'):.3g} for its clipping term: the per-stage error is mostly what earlier stages passed "
-          "on (the bound's L factor), not this stage's grid.", "",
+          "on (the bound's L factor), not this stage's grid."
+          + (" TTFSNeuron stages keep their potential inside the node, so the carried-in / own split covers "
+             "the other stages only (NaN in the rows below)." if r["ops_per_token"].get("neuron_stages") else ""), "",
           f"Logits: mean |SNN - float| {err['logits_mean_abs_diff']:.3g}; next-token NLL on the text: SNN "
           f"{err['nll_snn']:.3f} (PPL {math.exp(err['nll_snn']):.2f}), float reference {err['nll_float']:.3f} "
           f"(PPL {math.exp(err['nll_float']):.2f}).", ""]
     md += _table(["stage family", "mean err", "max err", "input err", "own rounding", "grid step/2", "grid RMS",
                   "clip term", "clipped"],
-                 [[k, mean("err_mean", v), max(x["err_max"] for x in v), mean("err_input_mean", v),
+                 [[k, mean("err_mean", v), _nanmax([x["err_max"] for x in v]), mean("err_input_mean", v),
                    mean("err_own_mean", v), mean("grid_max", v), mean("grid_rms", v), mean("clip_mean", v),
                    f"{100 * mean('clip_share', v):.3f}%"] for k, v in _by_kind(rows).items()])
     return md + [f"![error]({img})", ""]
@@ -794,9 +903,13 @@ def _md_trace(r: dict, img: str) -> list[str]:
     t = r["trace"]
     return ["## Raster and membrane traces", "",
             f"Stage `{t['stage']}` (last token of the run) and its reader `{t['receiver']}`, stepped by the "
-            "reference simulator (`ttfsc.simulator`) with the real potentials, input spike times and weights. The "
-            f"simulator reproduces {t['sim_matches_runtime_spikes']} of {t['neurons']} runtime spike "
-            f"{'counts' if t['coding'] == 'rate' else 'times'}; its receive potentials after {t['N_in']} steps "
+            "reference simulator (`ttfsc.simulator`) with the real potentials, input spike times and weights. "
+            + (f"The simulator reproduces {t['sim_matches_runtime_spikes']} of {t['neurons']} runtime spike "
+               f"{'counts' if t['coding'] == 'rate' else 'times'}; "
+               if t["sim_matches_runtime_spikes"] is not None else
+               "The stage is a TTFSNeuron, whose potential stays inside the node: its emission is not stepped "
+               "(no emission traces), its real spike times drive the receive. ")
+            + f"The receive potentials after {t['N_in']} steps "
             f"differ from the runtime's by at most {t['receive_max_abs_diff']:.3g} (potentials up to "
             f"{t['receive_scale']:.3g}).", "", f"![raster]({img})", ""]
 
@@ -848,7 +961,8 @@ def _command(args) -> str:
     parts = ["ttfsc", "report", args.model, "--text", args.text, "--out", str(args.out)]
     if args.qann:
         parts += ["--qann", args.qann]
-    defaults = {"tokens": 256, "e_ac": E_AC_PJ, "e_mac": E_MAC_PJ, "e_mac_dense": None, "e_bit": E_BIT_PJ,
+    defaults = {"tokens": 256, "e_ac": E_AC_PJ, "e_mac": E_MAC_PJ, "e_mac_dense": None, "e_mul": E_MUL_PJ,
+                "e_bit": E_BIT_PJ,
                 "e_static": E_STATIC_PJ,
                 "trace_stage": None, "neurons": 6}
     for k, d in defaults.items():
@@ -864,7 +978,7 @@ def cli(args) -> int:
         args.out = str(p.with_name(p.name.removesuffix(".onnx") + ".report"))
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise TtfscError(f"--out {args.out}: exists and is not a folder; give a folder path for the report.")
-    consts = EnergyConstants(args.e_ac, args.e_mac, args.e_bit, args.e_static, args.e_mac_dense)
+    consts = EnergyConstants(args.e_ac, args.e_mac, args.e_bit, args.e_static, args.e_mac_dense, args.e_mul)
     r = build_report(args.model, args.text, args.qann, args.tokens, consts, args.trace_stage, args.neurons)
     write_report(r, Path(args.out), _command(args))
     en = r["energy_pj_per_token"]
