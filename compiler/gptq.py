@@ -66,10 +66,9 @@ def damped_inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarr
     mean_diag = float(np.mean(np.diag(h)))
     h[np.diag_indices_from(h)] += damp * (mean_diag if mean_diag > 0 else 1.0)
     try:
-        lower = np.linalg.cholesky(h)
-        inv = np.linalg.inv(lower)
-        hinv = inv.T @ inv
-        return np.linalg.cholesky(hinv).T, dead
+        np.linalg.cholesky(h)  # raises if H is not positive definite
+        hinv = np.linalg.inv(h)
+        return np.linalg.cholesky((hinv + hinv.T) / 2).T, dead
     except np.linalg.LinAlgError:
         raise TtfscError("GPTQ: the calibration Hessian is not positive definite even after dampening; "
                          "use --weight-method rtn or more calibration text.") from None
@@ -80,7 +79,25 @@ def round_codes(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(w / scale), -qmax, qmax)
 
 
-def gptq_codes(w: np.ndarray, scale: np.ndarray, qmax: int, h: np.ndarray, damp: float = DAMP,
+class SharedHessian:
+    """One layer input's H with its factor computed once: q/k/v (and gate/up) read the same input,
+    so they share H and the O(n^3) Cholesky work."""
+
+    def __init__(self, h: np.ndarray) -> None:
+        self.h = h
+        self._factor: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.h.shape
+
+    def factor(self, damp: float) -> tuple[np.ndarray, np.ndarray]:
+        if damp not in self._factor:
+            self._factor[damp] = damped_inverse_cholesky(self.h, damp)
+        return self._factor[damp]
+
+
+def gptq_codes(w: np.ndarray, scale: np.ndarray, qmax: int, h: np.ndarray | SharedHessian, damp: float = DAMP,
                block: int = BLOCK) -> np.ndarray:
     """GPTQ codes (int8, ``[in, out]``) of weight ``w [in, out]`` on the per-output-channel grid ``scale``.
 
@@ -91,7 +108,7 @@ def gptq_codes(w: np.ndarray, scale: np.ndarray, qmax: int, h: np.ndarray, damp:
     n_in = w.shape[0]
     if h.shape != (n_in, n_in):
         raise ValueError(f"Hessian {h.shape} does not match weight {w.shape}")
-    u, dead = damped_inverse_cholesky(h, damp)
+    u, dead = h.factor(damp) if isinstance(h, SharedHessian) else damped_inverse_cholesky(h, damp)
     work = np.array(w, dtype=np.float64, copy=True)  # [in, out]; rows are GPTQ's columns
     work[dead] = 0.0
     s = np.asarray(scale, dtype=np.float64)[None, :]
@@ -133,7 +150,7 @@ class QuantizedHessian(Hessian):
 
 def collect_hessians(model: onnx.ModelProto, path: str, linears: Sequence[onnx.NodeProto], params: Mapping[str, Any],
                      calib: Any, prefix_ids: Sequence[int] | None, samples: int, seqlen: int,
-                     log: Callable[[str], Any], quantized: bool = True) -> dict[str, np.ndarray]:
+                     log: Callable[[str], Any], quantized: bool = True) -> dict[str, "SharedHessian"]:
     """Per weight, H from its layer's inputs over the calibration data (after the same prefix).
 
     ``params`` are the activation quantizers (quantize.ActParams) fixed by calibration; a tensor
@@ -160,11 +177,16 @@ def collect_hessians(model: onnx.ModelProto, path: str, linears: Sequence[onnx.N
                 x = values.get(a, f.get(a))
                 if x is not None:
                     observers[a].update(np.asarray(x))
-    hessians = {}
+    shared = {a: SharedHessian(o.matrix()) for a, o in observers.items() if o.rows}
+    hessians: dict[str, SharedHessian] = {}
     for weight, names in by_weight.items():
-        seen = [observers[a] for a in names if observers[a].rows]
-        if seen:
-            hessians[weight] = sum(o.matrix() * o.rows for o in seen) / sum(o.rows for o in seen)
-    log(f"GPTQ: Hessians of {len(hessians)} weights from {sum(o.rows for o in observers.values())} input rows "
+        seen = [a for a in names if a in shared]
+        if len(seen) == 1:
+            hessians[weight] = shared[seen[0]]
+        elif seen:  # a weight applied to several inputs: H of all their rows together
+            rows = [observers[a].rows for a in seen]
+            hessians[weight] = SharedHessian(sum(shared[a].h * r for a, r in zip(seen, rows)) / sum(rows))
+    rows = max((o.rows for o in observers.values()), default=0)
+    log(f"GPTQ: Hessians of {len(shared)} layer inputs ({rows} calibration rows each) for {len(hessians)} weights "
         f"({'quantized' if quantized else 'float'} inputs)")
     return hessians

@@ -99,7 +99,7 @@ DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks
 ONLINE_CHOICES = ("auto", "on", "off")  # online Hadamard before down_proj; auto: with a Hadamard rotation, not --full
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
-DEFAULT_WEIGHT_METHOD = {4: "rtn", 8: "rtn"}  # per wbits when --weight-method is not given (compiler/gptq.py)
+DEFAULT_WEIGHT_METHOD = {4: "gptq", 8: "rtn"}  # SmolLM2 W4A6 RTN 99.7 -> GPTQ 46.3 (benchmarks/bits_T.md); W8 not measured yet
 
 
 def bits_for(name: str, abits: int, overrides: dict[str, int] | None) -> int:
