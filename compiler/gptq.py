@@ -43,7 +43,8 @@ class Hessian:
 
     def update(self, x: np.ndarray) -> None:
         rows = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-        gram = rows.T @ rows
+        with np.errstate(invalid="ignore", over="ignore"):  # a masked (-inf) input is detected later, not warned
+            gram = rows.T @ rows
         self.xtx = gram if self.xtx is None else self.xtx + gram
         self.rows += rows.shape[0]
 
@@ -57,8 +58,9 @@ class Hessian:
 def damped_inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (U^T U = H^-1), and the dead-input mask.
 
-    Inputs that never moved during calibration (zero diagonal) get a unit diagonal: their weights
-    cannot matter on that data, and H must stay positive definite.
+    Inputs that never moved during calibration (zero diagonal) get a unit diagonal, which keeps H
+    positive definite and decouples them: their weights are rounded to nearest and receive no
+    error (GPTQ's reference zeroes them instead; that would change the layer on other data).
     """
     h = np.array(h, dtype=np.float64, copy=True)
     dead = np.diag(h) <= 0
@@ -108,9 +110,10 @@ def gptq_codes(w: np.ndarray, scale: np.ndarray, qmax: int, h: np.ndarray | Shar
     n_in = w.shape[0]
     if h.shape != (n_in, n_in):
         raise ValueError(f"Hessian {h.shape} does not match weight {w.shape}")
-    u, dead = h.factor(damp) if isinstance(h, SharedHessian) else damped_inverse_cholesky(h, damp)
+    if not np.all(np.isfinite(h.h if isinstance(h, SharedHessian) else h)):
+        raise ValueError("Hessian is not finite")
+    u, _ = h.factor(damp) if isinstance(h, SharedHessian) else damped_inverse_cholesky(h, damp)
     work = np.array(w, dtype=np.float64, copy=True)  # [in, out]; rows are GPTQ's columns
-    work[dead] = 0.0
     s = np.asarray(scale, dtype=np.float64)[None, :]
     codes = np.empty(w.shape, dtype=np.int8)
     for i1 in range(0, n_in, block):
@@ -177,7 +180,9 @@ def collect_hessians(model: onnx.ModelProto, path: str, linears: Sequence[onnx.N
                 x = values.get(a, f.get(a))
                 if x is not None:
                     observers[a].update(np.asarray(x))
-    shared = {a: SharedHessian(o.matrix()) for a, o in observers.items() if o.rows}
+    shared = {a: SharedHessian(o.matrix()) for a, o in observers.items() if o.rows and np.all(np.isfinite(o.xtx))}
+    for a in sorted(set(observers) - set(shared)):
+        log(f"GPTQ: input {a} has no finite calibration values; its weights are rounded to nearest")
     hessians: dict[str, SharedHessian] = {}
     for weight, names in by_weight.items():
         seen = [a for a in names if a in shared]
