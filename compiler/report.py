@@ -851,7 +851,9 @@ def _md_energy(r: dict, img: str) -> list[str]:
     return md + [
         f"SNN / QANN energy: {en['snn_total'] / max(en['qann_total'], 1e-30):.3f}.", "",
         f"Where it comes from: {100 * (1 - sp['silent_fraction']):.1f}% of neurons spike ({sp['per_neuron']:.3f} "
-        f"spikes per neuron), so the synaptic ACs are {100 * share:.1f}% of the QANN's dense MACs: {why} The "
+        f"spikes per neuron), so the synaptic ACs are {100 * share:.1f}% of the QANN's dense MACs"
+        + (" (they include the product synapses' ACs, whose QANN counterpart is a float MAC)"
+           if r["ops_per_token"].get("neuron_stages") else "") + f": {why} The "
         "default constants price the QANN's int8 MatMuls as fp32 MACs. At the same source's integer prices "
         f"(AC = 32-bit integer add {INT_PRICES.e_ac} pJ, QANN MAC = 8-bit multiply + 32-bit accumulate "
         f"{INT_PRICES.dense} pJ, product-synapse MUL {INT_PRICES.e_mul} pJ, float ops still {INT_PRICES.e_mac} pJ): SNN {ip['snn_total'] / 1e6:.3g} uJ vs QANN "
