@@ -289,7 +289,11 @@ def _op_kind(n: onnx.NodeProto) -> str:
     """What a float op is for, from its node name (a heuristic for LLaMA-style exports)."""
     name = n.name
     if n.op_type == "MatMul":
-        return "attention QK^T and PV (activation x activation)"
+        if "hadamard" in name.lower():
+            return "online Hadamard before down_proj (constant blocks)"
+        if "rotary" in name:
+            return "rotary tables"
+        return "attention QK^T and PV (activation x activation)" if "self_attn" in name else "other MatMul"
     if n.op_type == "Softmax":
         return "softmax"
     if "norm" in name:
@@ -907,7 +911,7 @@ def _md_trace(r: dict, img: str) -> list[str]:
             f"Stage `{t['stage']}` (last token of the run) and its reader `{t['receiver']}`, stepped by the "
             "reference simulator (`ttfsc.simulator`) with the real potentials, input spike times and weights. "
             + (f"The simulator reproduces {t['sim_matches_runtime_spikes']} of {t['neurons']} runtime spike "
-               f"{'counts' if t['coding'] == 'rate' else 'times'}; "
+               f"{'counts' if t['coding'] == 'rate' else 'times'}. "
                if t["sim_matches_runtime_spikes"] is not None else
                "The stage is a TTFSNeuron, whose potential stays inside the node: its emission is not stepped "
                "(no emission traces), its real spike times drive the receive. ")
