@@ -156,3 +156,12 @@ def test_gptq_with_full_is_refused(tiny_llama_onnx: Path, tmp_path: Path, capsys
     rc = main(["quantize", str(tiny_llama_onnx), "--wbits", "4", "--full", "--weight-method", "gptq",
                "-o", str(tmp_path / "m.onnx"), *CALIB])
     assert rc == 2 and "--weight-method gptq" in capsys.readouterr().err
+
+
+def test_default_weight_method_per_width():
+    """No flag needed for the measured best: GPTQ at W4, RTN at W8 and in --full twins (no GPTQ hook there)."""
+    from ttfsc.compiler.quantize import _resolve_weight_method
+    assert _resolve_weight_method(None, 4, False) == "gptq"
+    assert _resolve_weight_method(None, 8, False) == "rtn"
+    assert _resolve_weight_method(None, 4, True) == "rtn"
+    assert _resolve_weight_method("rtn", 4, False) == "rtn"
