@@ -55,3 +55,11 @@ def quantized_linear_model(seed: int = 0, bits: int = 6, I: int = 32, O: int = 2
     x = (rng.standard_normal((M, I)) * N * scale / 3).astype(np.float32)
     x[0, :8] = (np.arange(8) - 4 + 0.5) * scale  # exact ties
     return model, {"x": x, "scale": scale, "zero_point": z, "N": N}
+
+
+def qdq_fusions_disabled(so) -> bool:
+    """Whether session options turn onnxruntime's Q/DQ fusions off (exact integer math above 128 levels)."""
+    try:
+        return so.get_session_config_entry("session.disable_quant_qdq") == "1"
+    except RuntimeError:  # onnxruntime raises for an entry that was never set
+        return False

@@ -21,7 +21,7 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh  # noqa: E402
 
-from graphs import quantized_linear_model  # noqa: E402
+from graphs import qdq_fusions_disabled, quantized_linear_model  # noqa: E402
 from ttfsc import simulator as sim  # noqa: E402
 from ttfsc.compiler.cli import main  # noqa: E402
 from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages  # noqa: E402
@@ -133,11 +133,7 @@ def test_exact_options_treat_rate_windows_like_ttfs():
                    [h.make_tensor_value_info("c", _count_type(N), [2])])
         assert widest_window(m) == N + 1
         so = exact_options(m)
-        if disabled:
-            assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
-        else:
-            with pytest.raises(RuntimeError):
-                so.get_session_config_entry("session.disable_quant_qdq")
+        assert qdq_fusions_disabled(so) is disabled
 
 
 # ------------------------------------------------------------------ the pass
