@@ -14,9 +14,10 @@ from ttfsc.compiler.errors import TtfscError
 
 
 def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
+    from ttfsc.compiler.gptq import WEIGHT_METHODS
     from ttfsc.compiler.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH, LOW_BIT_SMOOTH  # defaults live with their measurements
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
-    p.add_argument("--weight-method", choices=("rtn", "gptq"), default=None,
+    p.add_argument("--weight-method", choices=WEIGHT_METHODS, default=None,
                    help="weight rounding onto the per-channel grid: rtn (nearest) or gptq (error-compensating, "
                         "compiler/gptq.py); default per width: quantize.DEFAULT_WEIGHT_METHOD")
     if abits_default is not None:

@@ -99,7 +99,7 @@ DEFAULT_ROTATE = "auto"  # SmolLM2 W8A6: 71.2 -> 34.0 with smoothing (benchmarks
 ONLINE_CHOICES = ("auto", "on", "off")  # online Hadamard before down_proj; auto: with a Hadamard rotation, not --full
 DEFAULT_SMOOTH = 0.5  # SmoothQuant alpha before calibration, 0 = off (benchmarks/lowT.md)
 LOW_BIT_SMOOTH = 0.75  # at <= 4 activation bits: SmolLM2 W8A4 163 (0.5) -> 109 (0.75), benchmarks/lowT.md
-DEFAULT_WEIGHT_METHOD = {4: "gptq", 8: "rtn"}  # SmolLM2 W4A6 RTN 99.7 -> GPTQ 46.3 (benchmarks/bits_T.md); W8 not measured yet
+DEFAULT_WEIGHT_METHOD = {4: "gptq", 8: "rtn"}  # SmolLM2 W4A6 RTN 99.7 -> GPTQ 46.3 (benchmarks/bits_T.md); W8A6 GPTQ 24.04 vs RTN 23.99: no gain
 
 
 def bits_for(name: str, abits: int, overrides: dict[str, int] | None) -> int:
@@ -1014,7 +1014,8 @@ def _resolve_weight_method(weight_method: str | None, wbits: int, full: bool) ->
     """None: the measured default per width; --full twins quantize weights by RTN only (no hook there yet)."""
     if weight_method is None:
         return "rtn" if full or wbits not in DEFAULT_WEIGHT_METHOD else DEFAULT_WEIGHT_METHOD[wbits]
-    if weight_method not in ("rtn", "gptq"):
+    from ttfsc.compiler.gptq import WEIGHT_METHODS
+    if weight_method not in WEIGHT_METHODS:
         raise TtfscError(f"--weight-method {weight_method!r}: use rtn or gptq.")
     if weight_method == "gptq" and full:
         raise TtfscError("--weight-method gptq is not available with --full yet; use --weight-method rtn.")
