@@ -50,7 +50,7 @@ def ttfsc(*args: str) -> tuple[float, int, str]:
     """Run a CLI step in its own process; return (wall seconds, peak RSS in MB, stdout)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "ttfsc.compiler.cli", *args], stdout=out, stderr=err, text=True)
+        p = subprocess.Popen([sys.executable, "-m", "ttfsc.cli", *args], stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(p.pid, 0)   # this child's own peak RSS, not the max over all children
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)

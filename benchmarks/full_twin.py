@@ -1,7 +1,7 @@
 """Perplexity of the fully quantized twin (`ttfsc quantize --full`) against FP32 and the hybrid QANN.
 
 Each variant is quantized with the library API (same defaults as `ttfsc quantize`, plus the
-variant's options), then scored with compiler/evaluate.py's GPTQ-protocol perplexity on the first
+variant's options), then scored with analysis/evaluate.py's GPTQ-protocol perplexity on the first
 K windows. QDQ models run with ``session.disable_quant_qdq=1``: exact QDQ numerics, no fused
 integer kernels (which can saturate at 8-bit activations on CPUs without VNNI).
 
@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from ttfsc.compiler.evaluate import Model, corpus_perplexity, read_corpus
+from ttfsc.analysis.evaluate import Model, corpus_perplexity, read_corpus
 
 
 def open_exact(path: Path, bos: str = "auto") -> Model:
@@ -66,8 +66,8 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help="calibration text for every quantized variant")
     ap.add_argument("--variant", action="append", required=True)
     args = ap.parse_args()
-    from ttfsc.compiler import quantize_full
-    from ttfsc.compiler.quantize import quantize_model
+    from ttfsc.quantizer import full
+    from ttfsc.quantizer.quantize import quantize_model
     default_full_method, default_tails = quantize_full.FULL_METHOD, quantize_full.SOFTMAX_TAILS
     text = read_corpus(args.data)
     for spec in args.variant:

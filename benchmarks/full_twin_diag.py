@@ -24,9 +24,9 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_twin import open_exact  # noqa: E402
 
-from ttfsc.compiler.evaluate import corpus_perplexity, read_corpus  # noqa: E402
-from ttfsc.compiler.quantize import activation_params  # noqa: E402
-from ttfsc.compiler.quantize_full import GROUPS_META, Graph  # noqa: E402
+from ttfsc.analysis.evaluate import corpus_perplexity, read_corpus  # noqa: E402
+from ttfsc.quantizer.quantize import activation_params  # noqa: E402
+from ttfsc.quantizer.full import GROUPS_META, Graph  # noqa: E402
 
 
 def width_class(q: str, kind: str) -> str:

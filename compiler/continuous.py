@@ -22,14 +22,14 @@ from typing import Any, Callable
 
 import onnx
 
-from ttfsc.compiler import quantize
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.modelio import copy_sidecars, load_model, model_dir, save_model
+from ttfsc.quantizer import quantize
+from ttfsc.errors import TtfscError
+from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
 from ttfsc.passes.dead_code import DeadCode
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
 from ttfsc.passes.qdq_to_continuous import ActivationsToContinuous
 from ttfsc.runtime.generate import PREFIX_META
-from ttfsc.runtime.ops import ContinuousEmitSpec, emit_spec
+from ttfsc.dialect import ContinuousEmitSpec, emit_spec
 from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, continuous_window
 
 #: options of `ttfsc compile` that the QANN path uses but this baseline does not

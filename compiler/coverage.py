@@ -43,7 +43,7 @@ def block_of(node: onnx.NodeProto) -> int | None:
 
 def coverage(model: onnx.ModelProto, model_dir: str | None = None, context: int = 16) -> dict:
     """Counts by class and operations per token by class, over the decoder blocks."""
-    from ttfsc.passes.base import GraphIndex
+    from ttfsc.graph import GraphIndex
     from ttfsc.passes.neuron_groups import spike_dependent
     dep = spike_dependent(GraphIndex(model))
     blocks = [n for n in model.graph.node if block_of(n) is not None]
@@ -72,7 +72,7 @@ def coverage(model: onnx.ModelProto, model_dir: str | None = None, context: int 
 
 def stages_per_block(model: onnx.ModelProto) -> dict:
     """Emissions (stages) and their time steps in each decoder block."""
-    from ttfsc.runtime.ops import stage_steps
+    from ttfsc.dialect import stage_steps
     out: dict = {}
     for n in model.graph.node:
         steps, b = stage_steps(n), block_of(n)
@@ -100,7 +100,7 @@ def _ops(n: onnx.NodeProto, shapes: dict, keys: int, model: onnx.ModelProto) -> 
         return Counter()
     size = float(np.prod(out)) if len(out) else 1.0
     if is_neuron(n):
-        from ttfsc.compiler.energy import neuron_fan_in, neuron_ops
+        from ttfsc.analysis.energy import neuron_fan_in, neuron_ops
         spec = NeuronSpec.from_node(n)
         adds, muls = neuron_ops(spec, size, neuron_fan_in(spec, [shapes.get(i) for i in n.input], keys))
         return Counter(adds=adds, muls=muls)

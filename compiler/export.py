@@ -28,8 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.modelio import SIDECAR_NAMES, load_model, save_model
+from ttfsc.errors import TtfscError
+from ttfsc.modelio import SIDECAR_NAMES, load_model, save_model
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 LLAMA2C_HEADER = struct.Struct("<7i")

@@ -29,7 +29,7 @@ import json
 import numpy as np
 import onnx
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 HELP = "check compiled TTFS neurons: the function their kernels realise (Theorem 1) vs their target"
 BOUNDARY = 1e-2  # output steps from a rounding boundary within which float64 vs float32 may differ
@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
-    from ttfsc.compiler.modelio import load_model
+    from ttfsc.modelio import load_model
     if not args.neurons:
         raise TtfscError("inspect: give --neurons (the per-neuron Theorem-1 check).")
     report = inspect_neurons(load_model(args.model), args.samples, args.seed)
@@ -65,7 +65,7 @@ def cli(args) -> int:
 
 
 def inspect_neurons(model: onnx.ModelProto, samples: int = 512, seed: int = 0) -> dict:
-    from ttfsc.compiler.modelio import Initializers
+    from ttfsc.modelio import Initializers
     from ttfsc.runtime.neuron import NeuronSpec, is_neuron
     inits = Initializers(model)
     rows = []

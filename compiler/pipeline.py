@@ -16,13 +16,13 @@ from pathlib import Path
 import networkx as nx
 import onnx
 
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.modelio import copy_sidecars, load_model, model_dir, save_model
+from ttfsc.errors import TtfscError
+from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
 from ttfsc.passes.dead_code import DeadCode
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
 from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch
 from ttfsc.passes.qdq_to_rate import QdqToRate
-from ttfsc.runtime.ops import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
+from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
 from ttfsc.ttfs import CODINGS, DOMAIN, DOMAIN_VERSION, NEURONS, bits_for_window
 
 EMIT_PASSES = {"ttfs": QdqToEmit, "rate": QdqToRate}
@@ -69,7 +69,7 @@ def neuron_passes() -> list:
 
 def has_stage_groups(model: onnx.ModelProto) -> bool:
     """Whether any emission is fed by float ops on decoded spikes only (a --full twin's stage group)."""
-    from ttfsc.passes.base import GraphIndex
+    from ttfsc.graph import GraphIndex
     from ttfsc.passes.neuron_groups import extract_group, spike_dependent
     g = GraphIndex(model)
     dep = spike_dependent(g)
@@ -118,7 +118,7 @@ def stages(model: onnx.ModelProto) -> list[dict]:
 def _neuron_entry(n: onnx.NodeProto) -> dict:
     """What kind of neuron a stage is (TTFSNeuron) or what an emission is for (a KV past encoder)."""
     from ttfsc.runtime.neuron import NeuronSpec, is_neuron
-    from ttfsc.runtime.ops import attrs
+    from ttfsc.dialect import attrs
     if is_neuron(n):
         spec = NeuronSpec.from_node(n)
         return {"neuron": spec.kind, "target": spec.target, "fan_in": spec.fan_in}
@@ -129,7 +129,7 @@ def _neuron_entry(n: onnx.NodeProto) -> dict:
 def latency_per_token(model: onnx.ModelProto) -> int:
     """Time steps a token needs: the heaviest chain of stages, each costing its steps.
 
-    A TTFS stage costs its window T, a rate stage its N steps (ttfsc.runtime.ops.stage_steps).
+    A TTFS stage costs its window T, a rate stage its N steps (ttfsc.dialect.stage_steps).
 
     Stages on one path run in sequence (a stage receives during its predecessor's window), so
     the delay is the sum of windows along the longest path; parallel branches (q/k/v) overlap.
@@ -235,7 +235,7 @@ def qann_path_for(out_path: str) -> str:
 
 
 def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> tuple[onnx.ModelProto, dict]:
-    from ttfsc.compiler.quantize import quantize_model
+    from ttfsc.quantizer.quantize import quantize_model
 
     log(f"ttfsc: {model_path} has no activation QuantizeLinear/DequantizeLinear: quantizing it first "
         f"with A{bits} (= log2 T) activations and W{opts.get('wbits', 8)} weights; the QANN is kept at {qpath}.")

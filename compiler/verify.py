@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.modelio import Initializers, load_model, model_dir
+from ttfsc.errors import TtfscError
+from ttfsc.modelio import Initializers, load_model, model_dir
 from ttfsc.runtime.generate import Generator
-from ttfsc.runtime.ops import CODING_OF_EMIT, emit_spec
+from ttfsc.dialect import CODING_OF_EMIT, emit_spec
 from ttfsc.runtime.session import exact_options, open_session, session_from_model
 from ttfsc.ttfs import codes_to_times, is_exact_tie, rate_spike_count, spike_count
 

@@ -36,7 +36,7 @@ def source(model: str) -> tuple[list[str], str]:
 
 
 def ttfsc(*args: str) -> None:
-    cmd = [sys.executable, "-m", "ttfsc.compiler.cli", *args]
+    cmd = [sys.executable, "-m", "ttfsc.cli", *args]
     print("\n$ ttfsc " + " ".join(shlex.quote(a) for a in args), flush=True)
     rc = subprocess.call(cmd)
     if rc != 0:

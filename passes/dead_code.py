@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import onnx
 
-from ttfsc.passes.base import GraphIndex, Match, Pass, PassReport, Rule
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass, PassReport, Rule
 
 
 class RemoveDeadNodes(Rule):

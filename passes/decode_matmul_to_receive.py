@@ -11,8 +11,9 @@ fed decoded values, which is what makes the graph hybrid until nonlinear neurons
 """
 from __future__ import annotations
 
-from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import EMIT_OF_DECODE, emit_spec
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass, Rule
+from ttfsc.dialect import EMIT_OF_DECODE, emit_spec
 from ttfsc.ttfs import DOMAIN
 
 

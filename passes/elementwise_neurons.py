@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import ELEMENTWISE, Group, NeuronRule, eval_body_f64, realise_table, two_values
 from ttfsc.runtime.neuron import NeuronSpec
 from ttfsc.ttfs import UniformStage, theorem2_eta

@@ -18,9 +18,10 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule
-from ttfsc.runtime.ops import EmitSpec, emit_spec
+from ttfsc.dialect import EmitSpec, emit_spec
 
 ROLE_KV_PAST = "kv_past"
 

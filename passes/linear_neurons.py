@@ -20,7 +20,8 @@ Run time: the QANN's own float ops as the body, then the Corollary-1 quantizer: 
 """
 from __future__ import annotations
 
-from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, static_dim, step_kernel
 
 LINEAR = {"Add", "Sub", "Mul", "Div", "Neg", "Where", "Sum"}

@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ttfsc.passes.base import GraphIndex, Match, Rule
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Rule
 from ttfsc.runtime.neuron import NeuronSpec, is_neuron
-from ttfsc.runtime.ops import DECODE, EMIT, EmitSpec, decode_spec
+from ttfsc.dialect import DECODE, EMIT, EmitSpec, decode_spec
 from ttfsc.ttfs import DOMAIN, UniformStage, time_dtype
 
 #: data movement only: no arithmetic on values

@@ -20,7 +20,8 @@ ops -> the Corollary-1 quantizer, so it is bit-exact to the QANN as onnxruntime 
 """
 from __future__ import annotations
 
-from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import Group, NeuronRule, post_product_muls, static_dim, step_kernel
 
 NONLINEAR = {"Exp", "Log", "ReduceLogSumExp", "Sigmoid", "Erf", "Tanh", "Sqrt", "Pow"}

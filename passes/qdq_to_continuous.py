@@ -18,8 +18,9 @@ import math
 import numpy as np
 import onnx
 
-from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import ContinuousEmitSpec
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass, Rule
+from ttfsc.dialect import ContinuousEmitSpec
 from ttfsc.ttfs import ContinuousStage
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import EmitSpec
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass, Rule
+from ttfsc.dialect import EmitSpec
 from ttfsc.ttfs import UniformStage, bits_for_window, requantize_params
 
 _CODE_RANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),

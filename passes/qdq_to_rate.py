@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ttfsc.passes.base import Pass
 from ttfsc.passes.qdq_to_emit import QuantDequantToEmit
-from ttfsc.runtime.ops import RateEmitSpec
+from ttfsc.dialect import RateEmitSpec
 from ttfsc.ttfs import RateStage
 
 

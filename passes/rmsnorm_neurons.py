@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttfsc.passes.base import GraphIndex, Match, Pass
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim
 from ttfsc.ttfs import UniformStage, theorem2_eta
 

@@ -7,8 +7,9 @@ then has no consumer left and dead-code removes it (no float decoding kept alive
 """
 from __future__ import annotations
 
-from ttfsc.passes.base import GraphIndex, Match, Pass, Rule
-from ttfsc.runtime.ops import DECODE
+from ttfsc.graph import GraphIndex
+from ttfsc.passes.base import Match, Pass, Rule
+from ttfsc.dialect import DECODE
 from ttfsc.ttfs import DOMAIN
 
 

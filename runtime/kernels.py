@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.runtime.ops import (CONT_DECODE, CONT_EMIT, DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE,
+from ttfsc.dialect import (CONT_DECODE, CONT_EMIT, DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE,
                                ContinuousEmitSpec, EmitSpec, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
                                continuous_decode_spec, decode_spec, rate_decode_spec)
 from ttfsc.ttfs import (UniformStage, count_dtype, emit_table, is_step_kernel, is_uniform, receive_table,
@@ -244,6 +244,6 @@ LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode,
              CONT_EMIT: lower_continuous_emit, CONT_DECODE: lower_continuous_decode}
 
 from ttfsc.runtime.neuron import lower_neuron  # noqa: E402  (neuron.py imports this module lazily)
-from ttfsc.runtime.ops import NEURON  # noqa: E402
+from ttfsc.dialect import NEURON  # noqa: E402
 
 LOWERINGS[NEURON] = lower_neuron

@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ttfsc.runtime.ops import NEURON, EmitSpec, attrs, _s
+from ttfsc.dialect import NEURON, EmitSpec, attrs, _s
 from ttfsc.ttfs import DOMAIN, time_dtype
 
 SYNAPSES = ("one_to_one", "mean", "fixed", "operand", "per_position")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ttfsc.compiler.modelio import load_model, model_dir, serialize
+from ttfsc.modelio import load_model, model_dir, serialize
 from ttfsc.runtime.kernels import LOWERINGS, MS_DOMAIN
 from ttfsc.ttfs import DOMAIN
 

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 LLAMA2C_FILE = "tokenizer.bin"

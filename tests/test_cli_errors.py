@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto as TP, helper as h
 
-from ttfsc.compiler.cli import main
+from ttfsc.cli import main
 
 
 def _expect_error(capsys, argv: list[str], out: Path, *needles: str) -> str:

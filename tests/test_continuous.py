@@ -13,12 +13,12 @@ import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from ttfsc import simulator as sim
-from ttfsc.compiler.cli import main
+from ttfsc.cli import main
 from ttfsc.compiler.pipeline import compile_model
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
 from ttfsc.passes.qdq_to_continuous import ActivationsToContinuous
 from ttfsc.runtime.generate import Generator
-from ttfsc.runtime.ops import CONT_DECODE, CONT_EMIT, RECEIVE, ContinuousEmitSpec
+from ttfsc.dialect import CONT_DECODE, CONT_EMIT, RECEIVE, ContinuousEmitSpec
 from ttfsc.runtime.session import open_session
 from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, ContinuousStage, time_dtype
 
@@ -146,6 +146,6 @@ def test_verify_refuses_continuous_models_with_a_clear_message() -> None:
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("t", TensorProto.UINT8, [2])])
     snn = helper.make_model(g)
-    from ttfsc.compiler.errors import TtfscError
+    from ttfsc.errors import TtfscError
     with pytest.raises(TtfscError, match="--neuron continuous"):
         find_probes(helper.make_model(helper.make_graph([], "q", [], [])), snn)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from ttfsc.compiler.cli import main
+from ttfsc.cli import main
 from ttfsc.compiler.verify import verify
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session

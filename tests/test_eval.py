@@ -14,10 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ttfsc.compiler import tasks as T
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.evaluate import open_model, perplexity, select_windows
+from ttfsc.analysis import tasks as T
+from ttfsc.cli import main
+from ttfsc.errors import TtfscError
+from ttfsc.analysis.evaluate import open_model, perplexity, select_windows
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session
 

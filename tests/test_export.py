@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ttfsc.compiler.cli import main as cli_main
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.cli import main as cli_main
+from ttfsc.errors import TtfscError
 from ttfsc.compiler.export import export_model
 from ttfsc.runtime.generate import Generator, pick_token, run_cli
 from ttfsc.runtime.tokenizer import Llama2cTokenizer, load_tokenizer, write_llama2c_vocab
@@ -226,7 +226,7 @@ def test_llama2c_export_matches_run_c(tmp_path: Path, tokenizer_bin: Path, share
 # ---------------------------------------------------------------- errors
 
 def test_cli_missing_source_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ttfsc.compiler.cli", "export", "missing_dir", "-o", "x.onnx"],
+    proc = subprocess.run([sys.executable, "-m", "ttfsc.cli", "export", "missing_dir", "-o", "x.onnx"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

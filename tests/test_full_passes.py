@@ -17,7 +17,7 @@ from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from ttfsc.compiler.pipeline import run_passes, stages
 from ttfsc.runtime.neuron import NeuronSpec, is_neuron
-from ttfsc.runtime.ops import DECODE, EMIT
+from ttfsc.dialect import DECODE, EMIT
 from ttfsc.runtime.session import open_session
 from ttfsc.ttfs import clip_bounds
 
@@ -452,9 +452,9 @@ def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
     """quantize --full -> compile: every decoder group is a neuron, verify 0 mismatches, Theorem 1 OK."""
     import inspect as pyinspect
     from ttfsc.compiler.inspect import inspect_neurons
-    from ttfsc.compiler.modelio import load_model
+    from ttfsc.modelio import load_model
     from ttfsc.compiler.pipeline import compile_model
-    from ttfsc.compiler.quantize import quantize_model
+    from ttfsc.quantizer.quantize import quantize_model
     from ttfsc.compiler.verify import verify
     if "full" not in pyinspect.signature(quantize_model).parameters:
         pytest.skip("quantize --full is not in this checkout")

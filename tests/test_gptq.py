@@ -1,4 +1,4 @@
-"""GPTQ weight quantization (compiler/gptq.py): same grid as RTN, smaller layer-output error.
+"""GPTQ weight quantization (quantizer/gptq.py): same grid as RTN, smaller layer-output error.
 
 The unit tests use seeded random weights and correlated inputs; the end-to-end tests quantize the
 tiny exported LLaMA to W4 with both methods through the CLI and compare their logits with the
@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.gptq import Hessian, gptq_codes
-from ttfsc.compiler.modelio import load_model, tensor_value
-from ttfsc.compiler.quantize import WEIGHT_BITS, self_generated, weight_codes, weight_scales
+from ttfsc.cli import main
+from ttfsc.quantizer.gptq import Hessian, gptq_codes
+from ttfsc.modelio import load_model, tensor_value
+from ttfsc.quantizer.quantize import WEIGHT_BITS, self_generated, weight_codes, weight_scales
 from ttfsc.compiler.verify import verify
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session
@@ -160,7 +160,7 @@ def test_gptq_with_full_is_refused(tiny_llama_onnx: Path, tmp_path: Path, capsys
 
 def test_default_weight_method_per_width():
     """No flag needed for the measured best: GPTQ at W4, RTN at W8 and in --full twins (no GPTQ hook there)."""
-    from ttfsc.compiler.quantize import _resolve_weight_method
+    from ttfsc.quantizer.quantize import _resolve_weight_method
     assert _resolve_weight_method(None, 4, False) == "gptq"
     assert _resolve_weight_method(None, 8, False) == "rtn"
     assert _resolve_weight_method(None, 4, True) == "rtn"

@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from ttfsc.compiler import tasks as T  # noqa: E402
-from ttfsc.compiler.evaluate import open_model  # noqa: E402
+from ttfsc.analysis import tasks as T  # noqa: E402
+from ttfsc.analysis.evaluate import open_model  # noqa: E402
 
 ITEMS = [{"question": "Question: what is red?\nAnswer:", "choices": ["a cherry", "the sky", "grass"], "gold": 0},
          {"question": "Question: which is big?\nAnswer:", "choices": ["an ant", "a whale"], "gold": 1},
@@ -56,7 +56,7 @@ def test_lm_eval_scores_like_ttfsc(tiny_llama_onnx, offline_datasets):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import ttfsc.compiler.lmeval  # noqa: F401 - registers "ttfsc"
+    import ttfsc.analysis.lmeval  # noqa: F401 - registers "ttfsc"
     folder = _task_files(_mkdir(offline_datasets / "tasks"))
     out = lm_eval.simple_evaluate(model="ttfsc", model_args=f"model={tiny_llama_onnx}",
                                   tasks=["ttfsc_tiny_mc", "ttfsc_tiny_ppl"], log_samples=True,
@@ -87,7 +87,7 @@ def test_lm_eval_scores_like_ttfsc(tiny_llama_onnx, offline_datasets):
 
 
 def test_generate_until_is_greedy_and_stops(tiny_llama_onnx):
-    from ttfsc.compiler.lmeval import TtfscLM
+    from ttfsc.analysis.lmeval import TtfscLM
     lm = TtfscLM(model=str(tiny_llama_onnx))
     m = lm.model
     prompt = "hello"
@@ -102,7 +102,7 @@ def test_command_line_wrapper_registers_the_model(tiny_llama_onnx, offline_datas
     folder = _task_files(_mkdir(offline_datasets / "tasks"))
     out = offline_datasets / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "ttfsc.compiler.lmeval", "--model_args", f"model={tiny_llama_onnx}",
+    proc = subprocess.run([sys.executable, "-m", "ttfsc.analysis.lmeval", "--model_args", f"model={tiny_llama_onnx}",
                            "--tasks", "ttfsc_tiny_mc", "--include_path", str(folder), "--output_path", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,12 +15,12 @@ import pytest  # noqa: E402
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh  # noqa: E402
 
 from graphs import quantized_linear_model  # noqa: E402
-from ttfsc.compiler.errors import TtfscError  # noqa: E402
+from ttfsc.errors import TtfscError  # noqa: E402
 from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages  # noqa: E402
 from ttfsc.passes.dead_code import DeadCode  # noqa: E402
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass  # noqa: E402
 from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch  # noqa: E402
-from ttfsc.runtime.ops import DECODE, EMIT, RECEIVE, EmitSpec, ReceiveSpec  # noqa: E402
+from ttfsc.dialect import DECODE, EMIT, RECEIVE, EmitSpec, ReceiveSpec  # noqa: E402
 from ttfsc.runtime.session import default_options, open_session  # noqa: E402
 from ttfsc.ttfs import DOMAIN, quantizer_codes, requantize_params  # noqa: E402
 

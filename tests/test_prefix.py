@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.quantize import OUTLIER_RATIO, outlier_hits
+from ttfsc.cli import main
+from ttfsc.errors import TtfscError
+from ttfsc.quantizer.quantize import OUTLIER_RATIO, outlier_hits
 from ttfsc.runtime.generate import PREFIX_FILE, Generator, Prefix
 from ttfsc.runtime.session import open_session
 

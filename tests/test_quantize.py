@@ -1,4 +1,4 @@
-"""Static PTQ to QDQ (compiler/quantize.py), checked numerically against onnxruntime.
+"""Static PTQ to QDQ (quantizer/quantize.py), checked numerically against onnxruntime.
 
 The hand-built graph is a one-head attention block: two linears share their input (q/k style),
 a -inf causal mask is added to the scores, and two more linears follow (one reads the masked
@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.compiler import modelio
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.quantize import activation_params, quantize_model
+from ttfsc import modelio
+from ttfsc.cli import main
+from ttfsc.errors import TtfscError
+from ttfsc.quantizer.quantize import activation_params, quantize_model
 from ttfsc.ttfs import clip_bounds
 
 B, S, D, H, O = 2, 5, 8, 6, 4
@@ -281,7 +281,7 @@ def test_search_never_worse_than_minmax_and_clips_outliers(tmp_path):
 
 
 def test_search_range_scores_the_following_layer():
-    from ttfsc.compiler.quantize import SEARCH_RATIOS, output_mse, search_range
+    from ttfsc.quantizer.quantize import SEARCH_RATIOS, output_mse, search_range
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 16)).astype(np.float32)
     x[3, 5] = 60.0  # one outlier stretches the minmax range 15-fold
@@ -366,7 +366,7 @@ def test_bad_wbits_api(tmp_path):
 
 def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
     """Logits of one whole sequence with an empty KV cache (what calibration feeds)."""
-    from ttfsc.compiler.quantize import decoder
+    from ttfsc.quantizer.quantize import decoder
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not fuse_qdq:
@@ -443,5 +443,5 @@ def test_rotate_and_smooth_options_are_checked(tiny_llama_onnx, tmp_path):
 
 
 def test_default_smoothing_strength_depends_on_width():
-    from ttfsc.compiler.quantize import DEFAULT_SMOOTH, LOW_BIT_SMOOTH, default_smooth
+    from ttfsc.quantizer.quantize import DEFAULT_SMOOTH, LOW_BIT_SMOOTH, default_smooth
     assert default_smooth(4) == LOW_BIT_SMOOTH > DEFAULT_SMOOTH == default_smooth(6) == default_smooth(8)

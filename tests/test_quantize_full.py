@@ -1,4 +1,4 @@
-"""``ttfsc quantize --full`` (compiler/quantize_full.py) on the tiny seeded LLaMA, checked in onnxruntime.
+"""``ttfsc quantize --full`` (quantizer/full.py) on the tiny seeded LLaMA, checked in onnxruntime.
 
 What the fully spiking graph relies on: every decoder compute op sits in a stage group whose
 activation inputs are per-tensor DQs and whose result goes through exactly one per-tensor Q; the
@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.quantize import quantize_model
-from ttfsc.compiler.quantize_full import GROUPS_META, KV_META, PLUMBING, Graph, stage_groups
+from ttfsc.cli import main
+from ttfsc.quantizer.quantize import quantize_model
+from ttfsc.quantizer.full import GROUPS_META, KV_META, PLUMBING, Graph, stage_groups
 from ttfsc.runtime.generate import Generator
 
 LAYERS = 2  # conftest TINY_CONFIG
@@ -227,8 +227,8 @@ def test_window_without_full_is_an_error(tiny_llama_onnx, tmp_path, capsys):
 # ---------------------------------------------------------------- range choices
 
 def test_softmax_tail_clipping_keeps_dropped_differences_at_code_zero():
-    from ttfsc.compiler.quantize import activation_params, fake_quant
-    from ttfsc.compiler.quantize_full import clip_softmax_tails
+    from ttfsc.quantizer.quantize import activation_params, fake_quant
+    from ttfsc.quantizer.full import clip_softmax_tails
     rng = np.random.default_rng(0)
     for bits in (4, 6, 8):
         ranges = {"s": (-107.0, 22.6), "lse": (-4.8, 22.5), "d": (-110.0, 0.0), "p": (0.0, 1.0)}
@@ -245,8 +245,8 @@ def test_softmax_tail_clipping_keeps_dropped_differences_at_code_zero():
 
 
 def test_mse_range_is_never_worse_than_minmax_on_its_sample():
-    from ttfsc.compiler.quantize import activation_params, fake_quant
-    from ttfsc.compiler.quantize_full import mse_range
+    from ttfsc.quantizer.quantize import activation_params, fake_quant
+    from ttfsc.quantizer.full import mse_range
     x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     x[:2] = (30.0, -20.0)
     lo, hi = mse_range(x, float(x.min()), float(x.max()), 6, lo_zero=False)

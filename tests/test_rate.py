@@ -23,12 +23,12 @@ from onnx import TensorProto as TP, helper as h, numpy_helper as nh  # noqa: E40
 
 from graphs import qdq_fusions_disabled, quantized_linear_model  # noqa: E402
 from ttfsc import simulator as sim  # noqa: E402
-from ttfsc.compiler.cli import main  # noqa: E402
+from ttfsc.cli import main  # noqa: E402
 from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages  # noqa: E402
 from ttfsc.compiler.verify import verify  # noqa: E402
 from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass  # noqa: E402
 from ttfsc.passes.qdq_to_rate import QdqToRate  # noqa: E402
-from ttfsc.runtime.ops import (RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RateEmitSpec,  # noqa: E402
+from ttfsc.dialect import (RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RateEmitSpec,  # noqa: E402
                                RateReceiveSpec)
 from ttfsc.runtime.session import default_options, exact_options, open_session, widest_window  # noqa: E402
 from ttfsc.ttfs import DOMAIN, RateStage, count_dtype, is_exact_tie, quantizer_codes  # noqa: E402

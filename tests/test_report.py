@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from graphs import quantized_linear_model
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.energy import (Counts, EnergyConstants, float_op_macs, qann_energy, snn_energy)
-from ttfsc.compiler.report import count_network, find_stages, float_reference
-from ttfsc.runtime.ops import EmitSpec
+from ttfsc.cli import main
+from ttfsc.analysis.energy import (Counts, EnergyConstants, float_op_macs, qann_energy, snn_energy)
+from ttfsc.analysis.report import count_network, find_stages, float_reference
+from ttfsc.dialect import EmitSpec
 from ttfsc.runtime.session import default_options, open_session, session_from_model
 from ttfsc.ttfs import DOMAIN, UniformStage
 

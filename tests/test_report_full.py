@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ttfsc.compiler.cli import main
-from ttfsc.compiler.report import (
+from ttfsc.cli import main
+from ttfsc.analysis.report import (
     _generator, _keys, _run, count_network, find_stages, float_op_counts, neuron_probes)
 from ttfsc.runtime.neuron import NeuronSpec, is_neuron
 from ttfsc.ttfs import spike_count

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from ttfsc.compiler import modelio
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.rotate import (_Graph, _Writer, analyse, channel_max, gamma_value, linear_inputs,
+from ttfsc import modelio
+from ttfsc.errors import TtfscError
+from ttfsc.quantizer.rotate import (_Graph, _Writer, analyse, channel_max, gamma_value, linear_inputs,
                                    rotate_model, rotation, smooth_model)
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session
@@ -71,7 +71,7 @@ def test_rotation_preserves_logits(original: Path, tmp_path: Path, kind: str) ->
 
 def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Path) -> None:
     """The per-head V/O rotation must cancel through attention (incl. the KV cache step) on its own."""
-    from ttfsc.compiler.rotate import _rotate_value_heads
+    from ttfsc.quantizer.rotate import _rotate_value_heads
     model = modelio.load_model(original)
     g = _Graph(model)
     spill = modelio.SpillFile(tmp_path, "t")
@@ -89,8 +89,8 @@ def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Pa
 
 def test_online_down_rotation_preserves_logits(original: Path, tmp_path: Path) -> None:
     """x H before every down_proj with W' = H^T W is the identity up to rounding; quantize skips H."""
-    from ttfsc.compiler.quantize import find_linears
-    from ttfsc.compiler.rotate import ONLINE_TRANSFORM_SUFFIX, rotate_down_inputs
+    from ttfsc.quantizer.quantize import find_linears
+    from ttfsc.quantizer.rotate import ONLINE_TRANSFORM_SUFFIX, rotate_down_inputs
     out = tmp_path / "model.onnx"
     assert rotate_down_inputs(original, out, seed=1)["rotated"] == 2
     assert _max_diff(original, out) < TOL
@@ -196,7 +196,7 @@ def test_unrecognised_graph_raises(original: Path, tmp_path: Path) -> None:
 
 def test_online_hadamard_resolution() -> None:
     """auto follows the Hadamard rotation and stays out of --full twins; on + --full is refused."""
-    from ttfsc.compiler.quantize import _resolve_online
+    from ttfsc.quantizer.quantize import _resolve_online
     assert _resolve_online("auto", "hadamard", full=False)
     assert not _resolve_online("auto", "none", full=False)
     assert not _resolve_online("auto", "hadamard", full=True)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from ttfsc.compiler.cli import main
+from ttfsc.cli import main
 
 TEXT = ("Once upon a time there was a little cat. The cat liked to play in the sun with a red ball. "
         "One day the ball rolled away and the cat ran after it, all the way to the river. ") * 8

@@ -2,7 +2,7 @@
 
 The paper's Table 3 (accuracy of QC-A2S against the window T) plus its claim in one run: for
 each T in ``-T`` and each weight width in ``--wbits`` it quantizes the float model with
-A = log2(T) activation bits (ttfsc.compiler.quantize, default method), compiles the QANN into
+A = log2(T) activation bits (ttfsc.quantizer.quantize, default method), compiles the QANN into
 the spiking model (QC-A2S, ``ttfsc compile``) and measures the perplexity of *both*; they must
 agree, since the SNN is bit-exact to its QANN. For each T it also compiles the TTFSFormer-style
 baseline (``ttfsc compile --neuron continuous``: float weights, min/max ranges, floor neurons) and
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 HELP = "PPL vs time window T: QANN, QC-A2S SNN and the continuous-kernel baseline, W4/W8 (table + plot)"
 DEFAULT_T = (16, 64, 256, 1024)
@@ -121,8 +121,8 @@ class Runner:
         self.sweep, self.work, self.calib, self.log = sweep, work, calib, log
 
     def measure(self, kind: str, path: Path, T: int | None = None, wbits: int | None = None) -> Row:
-        from ttfsc.compiler.evaluate import corpus_perplexity, read_corpus
-        from ttfsc.compiler.modelio import load_model
+        from ttfsc.analysis.evaluate import corpus_perplexity, read_corpus
+        from ttfsc.modelio import load_model
         from ttfsc.compiler.pipeline import latency_per_token
         s = self.sweep
         model = _open_exact(path, T if kind == "qann" else None)
@@ -136,7 +136,7 @@ class Runner:
         return row
 
     def qann(self, T: int, wbits: int) -> Path:
-        from ttfsc.compiler.quantize import quantize_model
+        from ttfsc.quantizer.quantize import quantize_model
         from ttfsc.ttfs import bits_for_window
         path = self.work / f"W{wbits}_T{T}" / "model.qdq.onnx"
         if not path.is_file():
@@ -169,8 +169,8 @@ def _open_exact(path: Path, qann_T: int | None) -> Any:
     make the *QANN* column wrong (measured on stories260K: W8A8 5.771 fused vs 5.178 exact, which
     is the SNN's value; W4A8 6.7436 vs 6.7433).
     """
-    from ttfsc.compiler.evaluate import open_model
-    from ttfsc.compiler.modelio import load_model
+    from ttfsc.analysis.evaluate import open_model
+    from ttfsc.modelio import load_model
     from ttfsc.runtime.generate import Generator
     from ttfsc.runtime.session import SATURATION_FREE_T, default_options, session_from_model
     model = open_model(path)
@@ -276,7 +276,7 @@ def plot(s: Sweep, wbits: list[int], path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    from ttfsc.compiler.modelio import atomic_outputs
+    from ttfsc.modelio import atomic_outputs
     with atomic_outputs(path) as (tmp,):
         write(Path(tmp))
 

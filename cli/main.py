@@ -10,16 +10,16 @@ import importlib
 import os
 import sys
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 
 def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
-    from ttfsc.compiler.gptq import WEIGHT_METHODS
-    from ttfsc.compiler.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH, LOW_BIT_SMOOTH  # defaults live with their measurements
+    from ttfsc.quantizer.gptq import WEIGHT_METHODS
+    from ttfsc.quantizer.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH, LOW_BIT_SMOOTH  # defaults live with their measurements
     p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
     p.add_argument("--weight-method", choices=WEIGHT_METHODS, default=None,
                    help="weight rounding onto the per-channel grid: rtn (nearest) or gptq (error-compensating, "
-                        "compiler/gptq.py); default per width: quantize.DEFAULT_WEIGHT_METHOD")
+                        "quantizer/gptq.py); default per width: quantize.DEFAULT_WEIGHT_METHOD")
     if abits_default is not None:
         p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
     p.add_argument("--method", default="search", choices=("minmax", "percentile", "search"),
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     _add_quant_options(p, abits_default=6)
     p.add_argument("--full", action="store_true", help="also quantize every nonlinearity, product of activations "
-                   "and the residual stream: the twin of a fully spiking graph (compiler/quantize_full.py)")
+                   "and the residual stream: the twin of a fully spiking graph (quantizer/full.py)")
     p.add_argument("--window", action="append", metavar="KIND=LEVELS",
                    help="--full: levels of one stage kind (repeatable), e.g. softmax=256, residual=256; kinds: "
                         "residual rmsnorm_ms rsqrt product linear_out rotary silu scores (QK^T) lse sub exp; aliases "
@@ -118,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands that own their arguments: each module defines HELP, add_arguments(parser) and cli(args).
 # Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
 COMMAND_MODULES: dict[str, str] = {
-    "eval": "ttfsc.compiler.evaluate",
+    "eval": "ttfsc.analysis.evaluate",
     "inspect": "ttfsc.compiler.inspect",
-    "report": "ttfsc.compiler.report",
-    "sweep": "ttfsc.compiler.sweep",
+    "report": "ttfsc.analysis.report",
+    "sweep": "ttfsc.analysis.sweep",
 }
 
 
@@ -130,7 +130,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ttfsc.compiler.export import export_cli
         return export_cli(args)
     if args.cmd == "quantize":
-        from ttfsc.compiler.quantize import quantize_cli
+        from ttfsc.quantizer.quantize import quantize_cli
         return quantize_cli(args)
     if args.cmd == "compile":
         from ttfsc.compiler.pipeline import compile_cli
@@ -165,5 +165,3 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,11 +2,11 @@
 
 Install the extra (``pip install -e ".[lmeval]"``), then either
 
-  python -m ttfsc.compiler.lmeval --model ttfsc --model_args model=/path/model.snn.onnx --tasks piqa
+  python -m ttfsc.analysis.lmeval --model ttfsc --model_args model=/path/model.snn.onnx --tasks piqa
 
 which registers the model class and hands the command line to lm_eval's own CLI (lm-eval finds
 models only through its in-process registry: it has no plugin entry point for them), or, from
-Python, ``import ttfsc.compiler.lmeval`` and then ``lm_eval.simple_evaluate(model="ttfsc", ...)``.
+Python, ``import ttfsc.analysis.lmeval`` and then ``lm_eval.simple_evaluate(model="ttfsc", ...)``.
 
 Model arguments: ``model`` (path of the .onnx), ``bos`` (auto/yes/no, see ``ttfsc eval --bos``),
 ``threads`` (onnxruntime intra-op threads), ``batch_size`` (requests per run, default 16).
@@ -22,8 +22,8 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ttfsc.compiler.evaluate import open_model, progress_bar
-from ttfsc.compiler.tasks import Scorer
+from ttfsc.analysis.evaluate import open_model, progress_bar
+from ttfsc.analysis.tasks import Scorer
 
 NAME = "ttfsc"
 

@@ -1,6 +1,6 @@
 """``ttfsc quantize --full``: the fully quantized twin (QANN) that a fully spiking graph must equal.
 
-The hybrid QANN (compiler/quantize.py) quantizes only what linear layers read. A fully spiking
+The hybrid QANN (quantizer/quantize.py) quantizes only what linear layers read. A fully spiking
 network also has to carry every other activation as spike times, so its exact twin must quantize
 every tensor that crosses a stage boundary. This module rewrites the (rotated, smoothed) float
 decoder into a standard QDQ model in which each decoder compute op sits in a *stage group*:
@@ -75,8 +75,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ttfsc.compiler import modelio
-from ttfsc.compiler.errors import TtfscError
+from ttfsc import modelio
+from ttfsc.errors import TtfscError
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, window_for_bits
 
 KINDS = ("residual", "rmsnorm_ms", "rsqrt", "product", "linear_out", "rotary", "silu", "lse", "sub", "exp", "kv")
@@ -418,7 +418,7 @@ def mse_range(x: np.ndarray, lo: float, hi: float, bits: int, lo_zero: bool) -> 
     For stage results that feed a nonlinearity or a product rather than a linear layer, the
     error of the tensor is the proxy (minmax, ratio 1.0, is a candidate, so never worse on ``x``).
     """
-    from ttfsc.compiler.quantize import SEARCH_RATIOS, activation_params, fake_quant
+    from ttfsc.quantizer.quantize import SEARCH_RATIOS, activation_params, fake_quant
     if not x.size:
         return lo, hi
 
@@ -500,7 +500,7 @@ def clip_softmax_tails(ranges: dict[str, tuple[float, float]], softmaxes: Sequen
 def insert_chains(model: onnx.ModelProto, points: Sequence[QPoint], params: dict[str, Any],
                   names: Any) -> tuple[dict[str, str], dict[str, str]]:
     """Clip -> Q -> DQ after every point; all readers read the DQ. Returns {Q node: kind}, {kv Q: source Q}."""
-    from ttfsc.compiler.quantize import activation_chain
+    from ttfsc.quantizer.quantize import activation_chain
     g = Graph(model)
     kinds, q_of, new_nodes = {}, {}, []
     for p in points:
@@ -602,7 +602,7 @@ def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits
                         calib: Any, samples: int, seqlen: int, log: Callable[[str], Any],
                         abits_for: dict[str, int] | None, windows: dict[str, int]) -> dict:
     """The --full counterpart of quantize._quantize_float: calibrate every stage of ``tf.path``, write the twin."""
-    from ttfsc.compiler import quantize as qz
+    from ttfsc.quantizer import quantize as qz
     path = tf.path
     model = modelio.load_model(path)
     names = qz._Names(model)
@@ -646,7 +646,7 @@ def _calibrate(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto],
                width: dict[str, int], calib: Any, method: str, percentile: float, prefix_mode: Any, samples: int,
                seqlen: int, log: Callable[[str], Any]) -> tuple[dict[str, tuple[float, float]], Any, str]:
     """Ranges of every point on the decomposed float model, after the prefix (chosen as in the hybrid QANN)."""
-    from ttfsc.compiler import quantize as qz
+    from ttfsc.quantizer import quantize as qz
     acts = qz._activation_names(model, linears)
     calib_names = sorted({p.calib for p in points} | {p.mask for p in points if p.mask} | set(acts))
     with qz._with_outputs(model, calib_names), qz._session(model, path) as sess:
@@ -686,7 +686,7 @@ def _count(points: Iterable[QPoint]) -> str:
 def write_full(model: onnx.ModelProto, linears: list[onnx.NodeProto], points: list[QPoint], params: dict[str, Any],
                wbits: int, meta: dict[str, str], out_path: str) -> int:
     """Weights to int8 + every point's Clip -> Q -> DQ; save atomically. Returns the number of weights."""
-    from ttfsc.compiler import quantize as qz
+    from ttfsc.quantizer import quantize as qz
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
     try:
         w_chains, replaced = qz.quantize_weights(model, linears, wbits, spill)

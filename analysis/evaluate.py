@@ -10,7 +10,7 @@ Perplexity follows GPTQ: tokenize the whole text, cut it into non-overlapping wi
 ``--seqlen`` tokens, PPL = exp(mean NLL over every window token but the first). Large files can be
 sampled: ``--windows K`` takes a seeded random subset of K windows, ``--windows K --first`` the
 first K (what the earlier benchmarks in benchmarks/ used). Multiple-choice tasks are scored by
-log-likelihood as lm-evaluation-harness does (see compiler/tasks.py).
+log-likelihood as lm-evaluation-harness does (see analysis/tasks.py).
 
 Models run through onnxruntime via runtime.generate.Generator, which adds the PrefixQuant prefix
 (prefix.npz beside a quantized model) so every sequence sees what the model was calibrated with.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 HELP = "perplexity and zero-shot accuracy of a float, QDQ or spiking ONNX model"
 DEFAULT_SEQLEN = 2048
@@ -101,7 +101,7 @@ def read_corpus(path: str | Path, name: str = "") -> str:
 
 def _jsonl_texts(path: Path) -> list[str]:
     """The "text" field of every line of a C4-style jsonl file (tasks.py's checked jsonl reader)."""
-    from ttfsc.compiler.tasks import _jsonl  # tasks imports this module at top level
+    from ttfsc.analysis.tasks import _jsonl  # tasks imports this module at top level
     return [row["text"] for _, row in _jsonl(path, {"text": str}, '{"text": "..."}')]
 
 
@@ -227,7 +227,7 @@ def cli(args: argparse.Namespace) -> int:
         raise TtfscError("nothing to evaluate: give --ppl NAME=PATH and/or --tasks NAME=PATH.")
     if args.limit is not None and args.limit < 1:
         raise TtfscError(f"--limit {args.limit}: give a positive number of items.")
-    from ttfsc.compiler import tasks as T
+    from ttfsc.analysis import tasks as T
     specs = [(name, T.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
     model = open_model(args.model, args.bos, args.threads)
@@ -246,7 +246,7 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def write_json(path: str | Path, result: dict) -> None:
-    from ttfsc.compiler.modelio import atomic_outputs
+    from ttfsc.modelio import atomic_outputs
     with atomic_outputs(path) as (tmp,):
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
 

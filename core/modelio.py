@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 INLINE_LIMIT = 1024  # bytes; larger tensors go to the external data file on save
 

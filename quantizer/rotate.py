@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ttfsc.compiler import modelio
-from ttfsc.compiler.errors import TtfscError
+from ttfsc import modelio
+from ttfsc.errors import TtfscError
 
 KINDS = ("random", "hadamard")
 ONLINE_TRANSFORM_SUFFIX = ".online_hadamard"  # in the names of inserted float rotation nodes (not linear layers)

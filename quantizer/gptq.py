@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 DAMP = 0.01  # dampening: fraction of mean(diag H) added to the diagonal (GPTQ's default)
 BLOCK = 128  # input rows per lazy block update
@@ -159,7 +159,7 @@ def collect_hessians(model: onnx.ModelProto, path: str, linears: Sequence[onnx.N
     ``params`` are the activation quantizers (quantize.ActParams) fixed by calibration; a tensor
     without one (non-finite range, left float) contributes its float values.
     """
-    from ttfsc.compiler import quantize as qz
+    from ttfsc.quantizer import quantize as qz
 
     by_weight = weight_inputs(linears)
     acts = sorted({a for names in by_weight.values() for a in names})

@@ -6,8 +6,8 @@ Clip -> QuantizeLinear -> DequantizeLinear chains bypassed: float activations, s
 runs on the same tokens. Shapes of the float ops still in the graph come from further runs of
 the spiking model (and of the QANN, for the QANN's own float ops), so attention's cost grows
 with the text's real length. TTFSNeuron stages (fully spiking compiles of ``quantize --full``
-twins) are counted by their synapses: see ``ttfsc.compiler.energy``. The counting rules
-and energy constants live in ``ttfsc.compiler.energy``; the raster and membrane traces are
+twins) are counted by their synapses: see ``ttfsc.analysis.energy``. The counting rules
+and energy constants live in ``ttfsc.analysis.energy``; the raster and membrane traces are
 stepped by the reference simulator (``ttfsc.simulator``) on one stage's real weights and
 input spikes, and the report states whether they reproduce the runtime's numbers.
 
@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.compiler.energy import (
+from ttfsc.analysis.energy import (
     Counts, EnergyConstants, INT_PRICES, E_AC_PJ, E_BIT_PJ, E_MAC_PJ, E_MUL_PJ, E_STATIC_PJ, REDUCE_OPS,
     FLOAT_OP_COST, bits_per_spike, clipping_term, dense_macs, float_op_macs, grid_terms, neuron_fan_in,
     neuron_synaptic, neuron_updates, qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
-from ttfsc.compiler.errors import TtfscError
+from ttfsc.errors import TtfscError
 
 HELP = "markdown report with plots: latency, spikes, AC/MAC counts, energy vs the QANN, error vs Theorem 3"
 CONTINUOUS_T = (4096, 8192)   # TTFSFormer-style continuous-time conversion, for comparison
@@ -118,7 +118,7 @@ def _kind(name: str) -> str:
 def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: str) -> list[Stage]:
     """Every emission of ``snn``; with ``qann``, also the float tensor each stands for (else its potential)."""
     from ttfsc.runtime.neuron import is_neuron
-    from ttfsc.runtime.ops import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
+    from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
     from ttfsc.ttfs import RateStage, UniformStage
     producers = {o: n for n in qann.graph.node for o in n.output} if qann is not None else None
     out = []
@@ -222,7 +222,7 @@ def _generator(model: onnx.ModelProto, extra: list[str], float_only: bool = Fals
     into a dynamically quantized MatMul (it does at ORT_ENABLE_ALL), which would quantize the
     float reference's activations after all.
     """
-    from ttfsc.compiler.modelio import model_dir
+    from ttfsc.modelio import model_dir
     from ttfsc.runtime.generate import Generator
     from ttfsc.runtime.session import default_options, open_session
     so = default_options()
@@ -358,7 +358,7 @@ def _errors(xs: np.ndarray, xf: np.ndarray, v: np.ndarray | None) -> dict[str, f
 
 
 def _receives(snn: onnx.ModelProto) -> list[onnx.NodeProto]:
-    from ttfsc.runtime.ops import RATE_RECEIVE, RECEIVE
+    from ttfsc.dialect import RATE_RECEIVE, RECEIVE
     from ttfsc.ttfs import DOMAIN
     return [n for n in snn.graph.node if n.domain == DOMAIN and n.op_type in (RECEIVE, RATE_RECEIVE)]
 
@@ -448,7 +448,7 @@ def pick_trace_stage(snn: onnx.ModelProto, stages: list[Stage], which: str | Non
 
 def _weights(snn: onnx.ModelProto, r: onnx.NodeProto, cols: np.ndarray) -> np.ndarray:
     """Dequantized weights [K, len(cols)] of a receive: (W - zp) * scale per output channel."""
-    from ttfsc.compiler.modelio import Initializers
+    from ttfsc.modelio import Initializers
     inits = Initializers(snn)
     W = np.asarray(inits.value(r.input[1]))[:, cols].astype(np.float64)
     if len(r.input) > 2 and r.input[2]:
@@ -490,7 +490,7 @@ def _pick_fired(times: np.ndarray, fired: np.ndarray, n: int) -> np.ndarray:
 
 def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, w: np.ndarray,
                 runtime_v: np.ndarray, n: int) -> dict:
-    from ttfsc.runtime.ops import ReceiveSpec
+    from ttfsc.dialect import ReceiveSpec
     e = s.spec
     if v is None:  # a TTFSNeuron: no potential to step; its real spike times still drive the receive
         pick, emit_traces, emit_times, matches = np.zeros(0, int), np.zeros((0, e.N + 1)), np.zeros(0, int), None
@@ -517,7 +517,7 @@ def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, 
 
 def _trace_rate(sim, s: Stage, r: onnx.NodeProto, c: np.ndarray, v: np.ndarray, w: np.ndarray,
                 runtime_v: np.ndarray, n: int) -> dict:
-    from ttfsc.runtime.ops import RateReceiveSpec
+    from ttfsc.dialect import RateReceiveSpec
     st = s.spec.stage()
     tr = sim.rate_emit(v.astype(np.float32), st)
     pick = _pick_fired(-tr.counts, tr.counts > 0, n)
@@ -675,7 +675,7 @@ def build_report(model: str, text: str, qann: str | None = None, tokens: int = 2
 
     Arrays needed only for the plots travel under the key ``"_plots"``.
     """
-    from ttfsc.compiler.modelio import load_model
+    from ttfsc.modelio import load_model
     from ttfsc.compiler.pipeline import latency_per_token, stages as pipeline_stages
     from ttfsc.runtime.neuron import is_neuron
     from ttfsc.runtime.tokenizer import load_tokenizer
@@ -810,7 +810,7 @@ def _md_ops(r: dict) -> list[str]:
           "element, softmax 3, reduce 1 per input; adds charged as MACs). Attention counts the graph's full "
           "score matrix (the export masks future positions rather than skipping them; a causal kernel does about "
           "half). QANN: dense integer MatMuls on the same rows plus the float ops of its own graph. Rules: "
-          "`ttfsc/compiler/energy.py`.", ""]
+          "`ttfsc/analysis/energy.py`.", ""]
     if ops.get("neuron_stages"):
         md += [f"{ops['neuron_stages']} TTFSNeuron stages (nonlinear, product and multi-input neurons): a fixed "
                "weight costs one AC per incoming spike and synapse; a product synapse (QK^T, PV, gate*up, x*r), "

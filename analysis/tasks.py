@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.evaluate import progress_bar, token_logprobs
+from ttfsc.errors import TtfscError
+from ttfsc.analysis.evaluate import progress_bar, token_logprobs
 
 TASK_NAMES = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada")
 

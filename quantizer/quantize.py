@@ -73,9 +73,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.compiler import modelio
-from ttfsc.compiler.errors import TtfscError
-from ttfsc.compiler.rotate import ONLINE_TRANSFORM_SUFFIX, KINDS as ROTATIONS, rotate_down_inputs, analyse, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
+from ttfsc import modelio
+from ttfsc.errors import TtfscError
+from ttfsc.quantizer.rotate import ONLINE_TRANSFORM_SUFFIX, KINDS as ROTATIONS, rotate_down_inputs, analyse, merge_channel_max, rotate_model, smooth_model, smoothable_inputs
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 from ttfsc.ttfs import MAX_BITS, MIN_BITS, clip_bounds, window_for_bits
 
@@ -617,7 +617,7 @@ def quantize_weight(inits: modelio.Initializers, name: str, qmax: int, spill: mo
     scale = weight_scales(w, qmax, name)
     start = spill.begin()
     if hessian is not None:
-        from ttfsc.compiler.gptq import gptq_codes
+        from ttfsc.quantizer.gptq import gptq_codes
         spill.write(gptq_codes(np.asarray(w, dtype=np.float32), scale, qmax, hessian))
     else:
         for block in _row_blocks(w):
@@ -974,21 +974,21 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     found in calibration, if any), none, bos, or token ids "1,198"; its float KV cache is saved as
     ``prefix.npz`` beside the output and every Generator on the output applies it. ``rotate``
     (auto, none, hadamard, random) and ``smooth`` (SmoothQuant alpha, 0 = off) transform the float
-    model first (function-preserving, compiler/rotate.py); the QANN is quantized from the transformed
+    model first (function-preserving, quantizer/rotate.py); the QANN is quantized from the transformed
     one. ``auto`` is hadamard for a recognised LLaMA decoder and no transform for any other graph.
     ``smooth=None`` picks ``default_smooth(abits)``. ``abits_for`` gives some tensors another
     width (``["mlp/Mul=8"]``: per-stage windows after ``ttfsc compile -T auto``). ``full`` also
-    quantizes every nonlinearity, product and the residual stream (compiler/quantize_full.py), with
+    quantizes every nonlinearity, product and the residual stream (quantizer/full.py), with
     per-kind ``windows`` such as ``["softmax=256"]``. ``online_hadamard`` (auto, on, off) inserts a
     factored float Hadamard before every down_proj input (auto: with a Hadamard rotation, not --full;
     SmolLM2 W8A6 33.5 -> 24.1, benchmarks/lowT.md). ``weight_method`` is rtn (round to nearest) or
-    gptq (compiler/gptq.py, same grid); None picks ``DEFAULT_WEIGHT_METHOD[wbits]`` (rtn with --full).
+    gptq (quantizer/gptq.py, same grid); None picks ``DEFAULT_WEIGHT_METHOD[wbits]`` (rtn with --full).
     """
     smooth = default_smooth(abits) if smooth is None else smooth
     weight_method = _resolve_weight_method(weight_method, wbits, full)
     overrides = abits_for if isinstance(abits_for, dict) else parse_bits_overrides(abits_for)
     _check_options(wbits, abits, method, percentile, calib_samples, calib_seqlen, prefix, rotate, smooth)
-    from ttfsc.compiler.quantize_full import parse_windows
+    from ttfsc.quantizer.full import parse_windows
     if windows and not full:
         raise TtfscError("--window sets the levels of --full stage kinds; add --full (or drop --window).")
     kind_windows = parse_windows(windows)
@@ -1000,7 +1000,7 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, w
     with _transformed(path, out_dir, rotate, rotate_seed, smooth, calib, parse_prefix(prefix), calib_samples,
                       calib_seqlen, log, online_hadamard, full) as tf:
         if full:
-            from ttfsc.compiler.quantize_full import quantize_float_full
+            from ttfsc.quantizer.full import quantize_float_full
             summary = quantize_float_full(tf, path, str(out_path), wbits, abits, method, percentile, calib,
                                           calib_samples, calib_seqlen, log, overrides, kind_windows)
         else:
@@ -1014,7 +1014,7 @@ def _resolve_weight_method(weight_method: str | None, wbits: int, full: bool) ->
     """None: the measured default per width; --full twins quantize weights by RTN only (no hook there yet)."""
     if weight_method is None:
         return "rtn" if full or wbits not in DEFAULT_WEIGHT_METHOD else DEFAULT_WEIGHT_METHOD[wbits]
-    from ttfsc.compiler.gptq import WEIGHT_METHODS
+    from ttfsc.quantizer.gptq import WEIGHT_METHODS
     if weight_method not in WEIGHT_METHODS:
         raise TtfscError(f"--weight-method {weight_method!r}: use rtn or gptq.")
     if weight_method == "gptq" and full:
@@ -1049,7 +1049,7 @@ def _quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, w
             "ttfsc.weight_method": weight_method}
     hessians = None
     if weight_method == "gptq":
-        from ttfsc.compiler.gptq import collect_hessians
+        from ttfsc.quantizer.gptq import collect_hessians
         hessians = collect_hessians(model, path, linears, params, calib, cal.prefix.ids if cal.prefix else None,
                                     calib_samples, calib_seqlen, log)
     n_weights = _write_qann(model, linears, params, wbits, meta, out_path, hessians)

@@ -1,0 +1,149 @@
+"""The graph toolkit: producer/consumer maps of an ONNX graph and the edits that keep them current.
+
+The one place where passes, the quantizer's transforms and the analysis tools look up who
+produces and who reads a tensor, so no module walks ``graph.node`` with its own maps.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import onnx
+
+from ttfsc.modelio import Initializers
+
+
+class GraphIndex:
+    """Producer/consumer maps of a graph, kept current by the edit helpers below."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.inits = Initializers(model)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.nodes: list[onnx.NodeProto] = []
+        for n in self.graph.node:  # detached copies: identity stays stable while we edit
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            self.nodes.append(c)
+        self.rebuild()
+
+    def commit(self) -> None:
+        """Write the edited node list back into the graph."""
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
+
+    def rebuild(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            self._link(node)
+
+    def _link(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            self.producer[o] = node
+        for i in node.input:
+            if i:
+                self.consumers[i].append(node)
+
+    def _unlink(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        for i in node.input:
+            if i:
+                self.consumers[i] = [c for c in self.consumers[i] if c is not node]
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits
+
+    def const(self, name: str):
+        return self.inits.value(name)
+
+    def used(self, name: str) -> bool:
+        return bool(self.consumers.get(name)) or name in self.graph_outputs
+
+    def replace_node(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        """Put ``new`` where ``old`` was (keeps topological order when inputs precede old).
+
+        The maps are updated incrementally: a full rebuild per edit is quadratic on real models.
+        """
+        pos = next(i for i, n in enumerate(self.nodes) if n is old)
+        self.nodes[pos:pos + 1] = new
+        self._unlink(old)
+        for n in new:
+            self._link(n)
+
+    def remove_nodes(self, dead: list[onnx.NodeProto]) -> None:
+        ids = {id(n) for n in dead}
+        self.nodes = [n for n in self.nodes if id(n) not in ids]
+        for n in dead:
+            self._unlink(n)
+
+
+# ---------------------------------------------------------------- op vocabularies
+
+#: onnxruntime's contrib domain: its QuantizeLinear/DequantizeLinear take 16-bit codes, which opset 18's do not
+MS_DOMAIN = "com.microsoft"
+
+#: ops that only move or reshape data: no arithmetic on values, so a code or a spike time crosses them unchanged
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Expand", "Cast", "Identity",
+                           "Slice", "Shape", "Gather", "Constant", "Flatten", "Split", "ConstantOfShape", "Range"})
+
+#: the data-movement ops that carry one value tensor through (what a chain of plumbing may be followed along):
+#: the rest make new tensors (Shape, Constant, Range, ConstantOfShape) or several (Split)
+VALUE_CARRIERS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Slice", "Concat", "Cast",
+                            "Identity", "Flatten", "Gather"})
+
+
+# ---------------------------------------------------------------- whole-model edits
+
+def with_outputs(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> onnx.ModelProto:
+    """A copy of ``model`` that also exposes ``names`` as (type-less) graph outputs.
+
+    Probing intermediate tensors this way lets onnxruntime infer their types, and leaves the
+    caller's model untouched (verify and report compare two models' internals).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    return out
+
+
+@contextlib.contextmanager
+def extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[None]:
+    """Expose ``names`` as graph outputs of ``model`` itself while the block runs.
+
+    The in-place variant of ``with_outputs`` for models too large to copy (calibration runs on
+    the float model); names already outputs or inputs are left alone.
+    """
+    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    n_before = len(model.graph.output)
+    for n in dict.fromkeys(names):
+        if n not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    try:
+        yield
+    finally:
+        del model.graph.output[n_before:]
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's metadata_props as a dict (ttfsc keeps its facts about a model there)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set metadata entries, replacing any earlier value of the same key in place."""
+    for key, value in entries.items():
+        prop = next((p for p in model.metadata_props if p.key == key), None) or model.metadata_props.add()
+        prop.key, prop.value = key, str(value)
+
+
+def drop_metadata(model: onnx.ModelProto, keys: Sequence[str]) -> None:
+    """Remove metadata entries (a compiled model must not inherit stale facts of its source)."""
+    keep = [p for p in model.metadata_props if p.key not in set(keys)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
