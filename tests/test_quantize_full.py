@@ -148,10 +148,19 @@ def test_masked_probabilities_are_exactly_zero(full_default):
     ids = np.arange(5, 5 + 12)
     values = sess.run(probs, gen.feeds(ids, gen.empty_past()))
     future = np.triu(np.ones((12, 12), bool), k=1)
-    for p in values:
+    inits, made_by = _inits(model), {o: n for n in model.graph.node for o in n.output}
+    for name, p in zip(probs, values):
         assert p.shape[-2:] == (12, 12)
         assert np.all(p[..., future] == 0.0), "a masked position got probability mass"
-        assert np.all(p[..., ~future] >= 0.0)
+        dq = made_by[name]
+        codes = p / inits[dq.input[1]] + inits[dq.input[2]]
+        assert inits[dq.input[2]] == 0, "probabilities start at exactly 0: zero point 0"
+        assert np.abs(codes - np.round(codes)).max() < 1e-3, "off the quantizer's grid"
+        # 8-bit codes (A6 default + 2 extra bits for exp), both ends of [0, 2^8 - 1] used: 0 where
+        # masked, 255 at the calibrated top; the first query sees only itself, so its probability
+        # exp(s - lse) is about 1 (251..255 here: lse and the difference are quantized too)
+        assert np.round(codes).min() == 0 and np.round(codes).max() == 255
+        assert np.all(codes[..., 0, 0] >= 0.95 * 255)
         assert np.abs(p.sum(-1) - 1).max() < 0.3  # quantized probabilities still sum to about one
         assert np.any(p[..., ~future] > 0)
 
