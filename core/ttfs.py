@@ -94,6 +94,42 @@ def time_dtype(T: int) -> np.dtype:
     return np.dtype(np.uint8) if T <= 256 else np.dtype(np.uint16)
 
 
+# ---------------------------------------------------------------- Corollary 1: codes, times, zero points
+
+def zero_point_of(T: int, t_ref: int) -> int:
+    """Corollary 1 read backwards, ``z = N - t_ref``: a stage's node stores t_ref, its QANN has z."""
+    return T - 1 - t_ref
+
+
+def tau_of_step(step: float) -> float:
+    """``tau = 1/step``, in float64 from the stage's float32 step (the node attribute ``tau``)."""
+    return float(1.0 / np.float64(step))
+
+
+def corollary1_theta(step: float, t_ref: int) -> np.float32:
+    """``theta = b - step/2 = step * (t_ref - 1/2)``: the half-step compensation that makes floor round."""
+    return np.float32(np.float64(np.float32(step)) * (t_ref - 0.5))
+
+
+def rounding_top(b: float, step: float) -> np.float64:
+    """``b' = b - Delta`` with ``Delta = step/2``: the level Theorem 2's output kernels are built around."""
+    return np.float64(b) - np.float64(step) / 2
+
+
+def times_grid(step: float, t_ref: int) -> tuple[np.float32, int]:
+    """Spike times as the codes of a quantizer: scale ``-step``, zero point ``t_ref``.
+
+    ``t = round(t_ref - V/step)`` and ``x = (t - t_ref) * (-step)``: the negative scale turns a
+    standard QuantizeLinear / DequantizeLinear into the emission / the decoding of spike times.
+    """
+    return np.float32(-np.float32(step)), int(t_ref)
+
+
+def tie_blocked(t_ref: int, N: int) -> np.ndarray:
+    """Slots k in 0..N-1 where ``half_even`` does not fire on an exact hit: ``t_ref - k`` odd."""
+    return (t_ref - np.arange(N)) % 2 != 0
+
+
 @dataclass(frozen=True)
 class UniformStage:
     """A Corollary-1 stage: the TTFS neuron equivalent to an asymmetric quantizer.
@@ -115,9 +151,14 @@ class UniformStage:
     def step(self) -> np.float32:
         return np.float32(self.scale)
 
+    @classmethod
+    def from_timing(cls, step: float, t_ref: int, T: int, tie_rule: str = "half_even") -> "UniformStage":
+        """The stage of an emission node, which stores ``t_ref`` rather than the zero point."""
+        return cls(step, zero_point_of(T, t_ref), T, tie_rule)
+
     @property
     def tau(self) -> float:
-        return float(1.0 / np.float64(self.step))
+        return tau_of_step(self.step)
 
     @property
     def t_ref(self) -> int:
@@ -135,7 +176,7 @@ class UniformStage:
     @property
     def theta(self) -> np.float32:
         """theta = b - Delta with Delta = step/2: floor becomes round-to-nearest."""
-        return np.float32(np.float64(self.step) * (self.t_ref - 0.5))
+        return corollary1_theta(self.scale, self.t_ref)
 
     def psi(self) -> np.ndarray:
         return np.full(self.N, self.step, dtype=np.float32)
@@ -161,12 +202,19 @@ def codes_to_times(q: np.ndarray, N: int) -> np.ndarray:
 
 
 def times_to_codes(t: np.ndarray, N: int) -> np.ndarray:
+    """Spike time t carries code q = N - t (int64); the inverse of :func:`codes_to_times`."""
     return N - np.asarray(t, dtype=np.int64)
 
 
 def decode_times(t: np.ndarray, step: float, t_ref: int) -> np.ndarray:
     """Value of a spike time: x = (t_ref - t) * step (float32, as the runtime computes it)."""
-    return ((np.asarray(t, dtype=np.int64) - t_ref).astype(np.float32) * np.float32(-step)).astype(np.float32)
+    scale, zp = times_grid(step, t_ref)
+    return ((np.asarray(t, dtype=np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+
+
+def decode_counts(c: np.ndarray, threshold: float, zero_point: int) -> np.ndarray:
+    """Value of a rate stage's spike count: x = (c - z) * threshold (float32, as DequantizeLinear)."""
+    return ((np.asarray(c).astype(np.int64) - zero_point).astype(np.float32) * np.float32(threshold)).astype(np.float32)
 
 
 def spike_count(t: np.ndarray, T: int) -> int:
@@ -263,23 +311,37 @@ def receive_table(eta: np.ndarray, c_offset: float, N_in: int) -> np.ndarray:
     return c_offset + cum[N_in - t]
 
 
+def receive_bias(c_offset: float, weights: np.ndarray, N_in: int) -> np.ndarray:
+    """Theorem 2's bias current ``C_i = c_offset * sum_j w_ij / N_in`` (weights [I, O], per step)."""
+    return c_offset * np.asarray(weights).sum(axis=0) / N_in
+
+
+def emit_ramp(psi: np.ndarray) -> np.ndarray:
+    """S[k] = sum_{v<k} psi(v) for k = 0..N (float64): S[N] is what the whole window adds."""
+    return np.concatenate([[0.0], np.cumsum(np.asarray(psi, dtype=np.float64))])
+
+
 def emit_table(psi: np.ndarray, N: int) -> np.ndarray:
     """S[k] = sum_{v<k} psi(v) for k = 0..N-1: the potential added by slot k of the emit phase."""
     psi = np.asarray(psi, dtype=np.float64)
     if psi.shape != (N,):
         raise ValueError(f"psi table has {psi.shape} entries, expected ({N},)")
-    return np.concatenate([[0.0], np.cumsum(psi[:-1])])
+    return emit_ramp(psi)[:N]  # cumsum accumulates in order, so this prefix is cumsum(psi[:-1])
 
 
 def is_uniform(psi: np.ndarray, theta: float, step: float, t_ref: int) -> bool:
     """True when (psi, theta) are exactly Corollary 1's, so the closed-form quantizer applies."""
     psi = np.asarray(psi, dtype=np.float32)
-    expected_theta = np.float32(np.float64(np.float32(step)) * (t_ref - 0.5))
-    return bool(np.all(psi == np.float32(step)) and np.float32(theta) == expected_theta)
+    return bool(np.all(psi == np.float32(step)) and np.float32(theta) == corollary1_theta(step, t_ref))
 
 
 def is_step_kernel(eta: np.ndarray, step_in: float) -> bool:
     return bool(np.all(np.asarray(eta, dtype=np.float32) == np.float32(step_in)))
+
+
+def range_zero_point(lo: float, scale: float, N: int) -> int:
+    """``z = clip(round(-lo / scale), 0, N)``: the code of 0.0 on a grid of ``scale`` starting at ``lo``."""
+    return int(np.clip(np.round(-lo / np.float64(scale)), 0, N))
 
 
 def requantize_params(scale: float, zero_point: int, N_from: int, N_to: int) -> tuple[float, int]:
@@ -287,13 +349,27 @@ def requantize_params(scale: float, zero_point: int, N_from: int, N_to: int) -> 
     lo = -zero_point * scale
     hi = (N_from - zero_point) * scale
     new_scale = (hi - lo) / N_to
-    new_zp = int(np.clip(np.round(-lo / new_scale), 0, N_to))
-    return float(np.float32(new_scale)), new_zp
+    return float(np.float32(new_scale)), range_zero_point(lo, new_scale, N_to)
 
 
-def quantizer_codes(x: np.ndarray, scale: float, zero_point: int, N: int, tie_rule: str = "half_even") -> np.ndarray:
-    """The n-bit quantizer a uniform stage implements, in numpy (reference for tests)."""
-    u = np.asarray(x, dtype=np.float32) / np.float32(scale)
+def code_of_bound(bound: float, scale: float, zero_point: int) -> int:
+    """The code a Clip bound quantizes to, ``round(bound / scale) + z`` (float32, as the QANN)."""
+    return int(np.rint(np.float32(bound) / np.float32(scale))) + zero_point
+
+
+def clip_levels(lo: float, hi: float, scale: float) -> int:
+    """Code levels a ``Clip(lo, hi)`` leaves a quantizer of this scale: ``round((hi - lo)/scale) + 1``."""
+    return int(round((hi - lo) / scale)) + 1
+
+
+def quantizer_codes(x: np.ndarray, scale: float, zero_point: int, N: int, tie_rule: str = "half_even",
+                    dtype: type = np.float32) -> np.ndarray:
+    """The n-bit quantizer a uniform stage implements, in numpy (reference for tests).
+
+    ``dtype`` is the precision of the quotient x/scale: float32 is the QANN's; float64 rounds an
+    exact target (``ttfsc inspect``'s intended codes).
+    """
+    u = np.asarray(x, dtype=dtype) / dtype(scale)
     if tie_rule == "half_even":
         r = np.rint(u)
     else:
@@ -305,6 +381,12 @@ def is_exact_tie(x: np.ndarray, scale: float) -> np.ndarray:
     """x / scale lies exactly half-way between two codes (the only place rounding rules differ)."""
     u = np.asarray(x, dtype=np.float32) / np.float32(scale)
     return (u - np.floor(u)) == np.float32(0.5)
+
+
+def distance_to_tie(x: np.ndarray, scale: float) -> np.ndarray:
+    """``|frac(x/scale) - 1/2|`` in float64, in steps: how far x lies from a rounding boundary."""
+    u = np.asarray(x, dtype=np.float64) / np.float64(scale)
+    return np.abs(u - np.floor(u) - 0.5)
 
 
 # ---------------------------------------------------------------- continuous-kernel baseline
@@ -383,6 +465,10 @@ class ContinuousStage:
     def tau(self) -> float:
         return float(self.T / (np.float64(self.b) - np.float64(self.a)))
 
+    def nearest_t_ref(self) -> int:
+        """The integer reference in 0..N nearest to ``a``'s: ``round(N + a/step)`` (a receiver's t_ref_in)."""
+        return int(np.clip(np.rint(self.N + np.float64(self.a) / np.float64(self.step)), 0, self.N))
+
     @property
     def theta(self) -> np.float32:
         """Eq. 4: theta = h^-1(b) = b."""
@@ -427,8 +513,7 @@ def theorem1_times(v: np.ndarray, psi: np.ndarray, theta: float, N: int, t_ref: 
     vk = v[..., None] + emit_table(psi, N)
     cross = vk >= np.float64(theta)
     if tie_rule == "half_even":
-        odd = (t_ref - np.arange(N)) % 2 != 0
-        cross &= ~((vk == np.float64(theta)) & odd)
+        cross &= ~((vk == np.float64(theta)) & tie_blocked(t_ref, N))
     first = np.argmax(cross, axis=-1)
     return np.where(cross.any(axis=-1), first, N).astype(np.int64)
 
@@ -459,7 +544,7 @@ def realised_function(t_in: list[np.ndarray], eta: list[np.ndarray], c_offset: l
     (``ttfsc inspect --neurons``): feed every input time of the grid and compare codes.
     """
     v = theorem1_potential(t_in, eta, c_offset, weights, N_in, reduce)
-    return N_out - theorem1_times(v, psi, theta, N_out, t_ref_out, tie_rule)
+    return times_to_codes(theorem1_times(v, psi, theta, N_out, t_ref_out, tie_rule), N_out)
 
 
 def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: float,
@@ -470,5 +555,5 @@ def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: fl
     ``h(V) >= b - (k + 1/2) * step``: h(V) rounded to the nearest output level (for h =
     identity these are exactly Corollary 1's ``psi = step``, ``theta = b - step/2``).
     """
-    b_half = np.float64(b) - np.float64(step) / 2
+    b_half = rounding_top(b, step)
     return theorem2_psi(h_inv, b_half, step, N), theorem2_theta(h_inv, b_half)
