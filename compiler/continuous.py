@@ -8,29 +8,27 @@ model built from the continuous-time theory, Eq. 4, with no quantization consist
    without prefix, rotation, smoothing or clipping search: TTFSFormer has none of them;
 2. one continuous-kernel stage per tensor on its range ``[a, b]`` with ``tau = T/(b - a)``
    (passes/qdq_to_continuous.py; ttfsc.ttfs.ContinuousStage), float weights in the receivers;
-3. the usual decode -> receive folding and dead-code passes.
+3. the usual decode -> receive folding and dead-code passes (the registry's ``continuous``).
 
 Each stage is a floor quantizer onto T levels of its float range, so the model is evaluated
 against the FP model (perplexity): it is not bit-exact to any QANN and ``ttfsc verify`` does
 not apply. Windows from 16 to 8192 slots (``ttfsc.ttfs.continuous_window``).
+
+``ContinuousCompile`` is this baseline's plan for the compile skeleton (compiler/pipeline.py).
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import onnx
 
-from ttfsc.quantizer import quantize
-from ttfsc.errors import TtfscError
-from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
-from ttfsc.passes.dead_code import DeadCode
-from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
-from ttfsc.passes.qdq_to_continuous import ActivationsToContinuous
-from ttfsc.runtime.generate import PREFIX_META
 from ttfsc.dialect import ContinuousEmitSpec, emit_spec
-from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, continuous_window
+from ttfsc.errors import TtfscError
+from ttfsc.modelio import load_model
+from ttfsc.passes.registry import PassOptions
+from ttfsc.quantizer import quantize
+from ttfsc.runtime.generate import PREFIX_META
+from ttfsc.ttfs import continuous_window
 
 #: options of `ttfsc compile` that the QANN path uses but this baseline does not
 QANN_ONLY = ("wbits", "method", "percentile", "prefix", "rotate", "rotate_seed", "smooth", "abits_for")
@@ -75,44 +73,47 @@ def stages(model: onnx.ModelProto) -> list[dict]:
     return out
 
 
-def compile_continuous(model_path: str, out_path: str, T: int | str, quant_options: dict | None = None,
-                       log: Callable[[str], Any] = print) -> dict:
-    """Compile the float model ``model_path`` into the continuous-kernel baseline at ``out_path``."""
-    from ttfsc.compiler.pipeline import _check_saved, is_qdq, latency_per_token
+class ContinuousCompile:
+    """The continuous baseline's plan: TTFS coding from the float model, no QANN (no --requantize)."""
 
-    check_window(T)
-    T = int(T)
-    opts = quant_options or {}
-    t0 = time.perf_counter()
-    model = load_model(model_path)
-    src_dir = model_dir(model)
-    if is_qdq(model):
-        raise TtfscError(f"{model_path} is a QDQ model; --neuron continuous converts the float model "
-                         "(its ranges come from min/max of float activations). Give the float .onnx.")
-    log(f"ttfsc: continuous-kernel baseline at T={T}: min/max ranges of the float model, float weights "
-        f"(quantization options {', '.join(QANN_ONLY)} do not apply); compare with the FP model, not with verify.")
-    ranges = float_ranges(model_path, opts.get("calib"), opts.get("calib_samples", 8), opts.get("calib_seqlen", 128), log)
-    report: dict = {"input": str(model_path), "T": T, "coding": "ttfs", "neuron": "continuous"}
-    report["passes"] = [p.run(model).as_dict()
-                        for p in (ActivationsToContinuous(T, ranges), DecodeMatMulToReceivePass(), DeadCode())]
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    report["stages"] = stages(model)
-    if not report["stages"]:
-        raise TtfscError(f"{model_path}: no linear layer input could become a continuous stage; see --json.")
-    report["latency_steps_per_token"] = latency_per_token(model)
-    _set_meta(model, T)
-    save_model(model, out_path)
-    _check_saved(out_path, model_path)
-    copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
-    report["compile_seconds"] = round(time.perf_counter() - t0, 2)
-    return report
+    pipeline = "continuous"
 
+    def __init__(self, T: int | str, coding: str, requantize: bool, quant_options: dict | None,
+                 log: Callable[..., Any]):
+        if coding != "ttfs" or requantize:
+            raise TtfscError("--neuron continuous is a TTFS baseline built from the float model: "
+                             "drop --coding rate / --requantize.")
+        check_window(T)
+        self.T = int(T)
+        self.quant_options = quant_options or {}
+        self.log = log
 
-def _set_meta(model: onnx.ModelProto, T: int) -> None:
-    """T, coding and neuron; an empty prefix so a prefix.npz nearby is never applied to this model."""
-    keep = [p for p in model.metadata_props if p.key not in ("ttfsc.T", "ttfsc.coding", "ttfsc.neuron", PREFIX_META)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for k, v in (("ttfsc.T", str(T)), ("ttfsc.coding", "ttfs"), ("ttfsc.neuron", "continuous"), (PREFIX_META, "")):
-        model.metadata_props.add(key=k, value=v)
+    def prepare(self, model: onnx.ModelProto, model_path: str, out_path: str,
+                qdq: bool) -> tuple[onnx.ModelProto, dict, PassOptions]:
+        """The float model and the min/max range of each linear input, which set the stages."""
+        if qdq:
+            raise TtfscError(f"{model_path} is a QDQ model; --neuron continuous converts the float model "
+                             "(its ranges come from min/max of float activations). Give the float .onnx.")
+        self.log(f"ttfsc: continuous-kernel baseline at T={self.T}: min/max ranges of the float model, float "
+                 f"weights (quantization options {', '.join(QANN_ONLY)} do not apply); compare with the FP model, "
+                 "not with verify.")
+        opts = self.quant_options
+        ranges = float_ranges(model_path, opts.get("calib"), opts.get("calib_samples", 8),
+                              opts.get("calib_seqlen", 128), self.log)
+        report: dict = {"input": str(model_path), "T": self.T, "coding": "ttfs", "neuron": "continuous"}
+        return model, report, PassOptions(self.T, ranges=ranges)
+
+    def check(self, model: onnx.ModelProto, model_path: str) -> None:
+        if not stages(model):
+            raise TtfscError(f"{model_path}: no linear layer input could become a continuous stage; see --json.")
+
+    def stages(self, model: onnx.ModelProto) -> list[dict]:
+        return stages(model)
+
+    def coverage(self, model: onnx.ModelProto, src_dir: str | None) -> dict:
+        return {}
+
+    def metadata(self) -> tuple[tuple[str, ...], dict[str, str]]:
+        """T, coding and neuron; an empty prefix so a prefix.npz nearby is never applied to this model."""
+        entries = {"ttfsc.T": str(self.T), "ttfsc.coding": "ttfs", "ttfsc.neuron": "continuous", PREFIX_META: ""}
+        return tuple(entries), entries

@@ -1,31 +1,36 @@
-"""``ttfsc compile``: order and run the passes, check the result, report stages and latency.
+"""``ttfsc compile``: one skeleton for every kind of spiking model, and the QC-A2S plan.
 
-Order matters: activation quantizers become emissions first (qdq_to_emit), then the matmuls
-that read them become receptions (decode_matmul_to_receive), then dead weight dequantizers go
-(dead_code). A float model is quantized first with A = log2(T) bits, and the user is told so.
-``coding="rate"`` swaps the first pass for qdq_to_rate (the SpikeLLM-style baseline: stages of
-N = T - 1 integrate-and-fire steps whose spike counts are the same QANN codes).
+The skeleton (``compile_model``): load -> the plan prepares the model (a float model is
+quantized first with A = log2(T) bits, and the user is told so) -> the plan's pipeline of passes
+(ttfsc.passes.registry, where the order of the passes is declared and explained) -> checks ->
+stages, latency and coverage for the report -> metadata -> save, onnx.checker, sidecars.
+
+A plan says what one kind of neuron adds to it: ``QcCompile`` here (QC-A2S neurons, TTFS or
+rate coding: ``coding="rate"`` swaps the emissions for qdq_to_rate's, the SpikeLLM-style
+baseline of N = T - 1 integrate-and-fire steps whose spike counts are the same QANN codes), and
+``ContinuousCompile`` (compiler/continuous.py, the TTFSFormer-style baseline).
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import networkx as nx
 import onnx
 
+from ttfsc.compiler.continuous import ContinuousCompile
+from ttfsc.compiler.coverage import coverage, stages_per_block
+from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, attrs, emit_spec, stage_steps
 from ttfsc.errors import TtfscError
+from ttfsc.graph import drop_metadata, set_metadata
 from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
-from ttfsc.passes.dead_code import DeadCode
-from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
-from ttfsc.passes.qdq_to_emit import QdqToEmit, WindowMismatch
-from ttfsc.passes.qdq_to_rate import QdqToRate
-from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
-from ttfsc.ttfs import CODINGS, DOMAIN, DOMAIN_VERSION, NEURONS, bits_for_window
-
-EMIT_PASSES = {"ttfs": QdqToEmit, "rate": QdqToRate}
+from ttfsc.passes.qdq_to_emit import WindowMismatch
+from ttfsc.passes.registry import PassOptions, run_pipeline
+from ttfsc.ttfs import CODINGS, NEURONS, bits_for_window
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
@@ -34,46 +39,22 @@ def is_qdq(model: onnx.ModelProto) -> bool:
 
 
 def run_passes(model: onnx.ModelProto, T: int | None, requantize: bool = False, coding: str = "ttfs") -> list[dict]:
-    """Rewrite ``model`` in place; return one report per pass."""
-    if coding not in EMIT_PASSES:
+    """Rewrite the QDQ ``model`` in place with the pipeline of ``coding``; return one report per pass.
+
+    A --full twin's nonlinear/product neurons come only where the emissions reveal stage groups
+    (the registry's ttfs -> ttfs_full): a hybrid compile runs exactly the passes it always did.
+    """
+    if coding not in CODINGS:
         raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
-    reports = []
-    for p in [EMIT_PASSES[coding](T, requantize), DecodeMatMulToReceivePass()]:
-        try:
-            reports.append(p.run(model).as_dict())
-        except WindowMismatch as exc:
-            raise TtfscError(str(exc)) from None
-    # nonlinear/product neurons exist only in a fully quantized twin (quantize --full): a hybrid
-    # compile runs (and reports) exactly the passes it always did
-    later = neuron_passes() if coding == "ttfs" and has_stage_groups(model) else []
-    for p in later + [DeadCode()]:
-        reports.append(p.run(model).as_dict())
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    return reports
+    return run_checked(model, coding, PassOptions(T, requantize))
 
 
-def neuron_passes() -> list:
-    """The passes that turn a --full twin's nonlinear/product/residual/rotary groups into neurons."""
-    from ttfsc.passes.elementwise_neurons import ElementwiseNeurons
-    from ttfsc.passes.kv_relay import KvRelay
-    from ttfsc.passes.linear_neurons import LinearNeurons
-    from ttfsc.passes.product_neurons import ProductNeurons
-    from ttfsc.passes.rmsnorm_neurons import RMSNormNeurons
-    from ttfsc.passes.shape_of_spikes import ShapeOfSpikes
-    from ttfsc.passes.softmax_neurons import SoftmaxNeurons
-    # dead code first: the groups' original float ops must be gone before shapes are re-read
-    return [ElementwiseNeurons(), RMSNormNeurons(), SoftmaxNeurons(), ProductNeurons(), KvRelay(), LinearNeurons(),
-            DeadCode(), ShapeOfSpikes()]
-
-
-def has_stage_groups(model: onnx.ModelProto) -> bool:
-    """Whether any emission is fed by float ops on decoded spikes only (a --full twin's stage group)."""
-    from ttfsc.graph import GraphIndex
-    from ttfsc.passes.neuron_groups import extract_group, spike_dependent
-    g = GraphIndex(model)
-    dep = spike_dependent(g)
-    return any(extract_group(g, e, dep) is not None for e in g.nodes if e.domain == DOMAIN and e.op_type == "TTFSEmit")
+def run_checked(model: onnx.ModelProto, pipeline: str, options: PassOptions) -> list[dict]:
+    """A registry pipeline whose window mismatch (-T vs the QANN's width) is a user error."""
+    try:
+        return run_pipeline(model, pipeline, options)
+    except WindowMismatch as exc:
+        raise TtfscError(str(exc)) from None
 
 
 def spiking_coverage(model: onnx.ModelProto, src_dir: str | None) -> tuple[dict, dict]:
@@ -82,7 +63,6 @@ def spiking_coverage(model: onnx.ModelProto, src_dir: str | None) -> tuple[dict,
     The op counts need one probe forward of the compiled model; if it cannot run (a graph that
     is not an exported LLM and has dynamic inputs), the report says why instead.
     """
-    from ttfsc.compiler.coverage import coverage, stages_per_block
     try:
         cov = coverage(model, src_dir)
     except Exception as exc:  # noqa: BLE001 - a report field, never a reason to fail the compile
@@ -118,7 +98,6 @@ def stages(model: onnx.ModelProto) -> list[dict]:
 def _neuron_entry(n: onnx.NodeProto) -> dict:
     """What kind of neuron a stage is (TTFSNeuron) or what an emission is for (a KV past encoder)."""
     from ttfsc.runtime.neuron import NeuronSpec, is_neuron
-    from ttfsc.dialect import attrs
     if is_neuron(n):
         spec = NeuronSpec.from_node(n)
         return {"neuron": spec.kind, "target": spec.target, "fan_in": spec.fan_in}
@@ -153,14 +132,15 @@ def latency_per_token(model: onnx.ModelProto) -> int:
     return max(best.values(), default=0)
 
 
-def _check_rewritten(model: onnx.ModelProto, path: str) -> None:
+def check_rewritten(model: onnx.ModelProto, path: str) -> None:
+    """Every activation quantizer must have become a stage: a QANN half converted is no SNN."""
     left = leftover_activation_qdq(model)
     if left:
         raise TtfscError(f"{path}: {len(left)} activation quantizers could not become TTFS stages "
                          f"(first: {left[0]}); see --json for the reason each was skipped.")
 
 
-def _check_saved(out_path: str, src: str) -> None:
+def check_saved(out_path: str, src: str) -> None:
     """onnx.checker on the written file (by path, so external data is checked where it lives)."""
     try:
         onnx.checker.check_model(str(out_path))
@@ -170,52 +150,105 @@ def _check_saved(out_path: str, src: str) -> None:
         raise TtfscError(f"{src}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
+class CompilePlan(Protocol):
+    """What one kind of neuron adds to the compile skeleton; built with (T, coding, requantize,
+    quant_options, log), it rejects options it cannot honour before anything is loaded."""
+
+    pipeline: str  # a name in ttfsc.passes.registry.PIPELINES
+
+    def prepare(self, model: onnx.ModelProto, model_path: str, out_path: str,
+                qdq: bool) -> tuple[onnx.ModelProto, dict, PassOptions]:
+        """The model the passes rewrite, the report's first entries, and the passes' options."""
+
+    def check(self, model: onnx.ModelProto, model_path: str) -> None:
+        """Raise TtfscError when the passes left a model that is not what this plan promises."""
+
+    def stages(self, model: onnx.ModelProto) -> list[dict]:
+        """One report entry per stage."""
+
+    def coverage(self, model: onnx.ModelProto, src_dir: str | None) -> dict:
+        """More report entries (spiking coverage), or none."""
+
+    def metadata(self) -> tuple[tuple[str, ...], dict[str, str]]:
+        """Metadata keys to drop from the source, then the entries to set."""
+
+
+class QcCompile:
+    """QC-A2S neurons in TTFS or rate coding: bit-exact to the QANN, which a float model gets first.
+
+    ``T="auto"`` keeps each stage's own width from a QDQ model (mixed windows).
+    """
+
+    def __init__(self, T: int | str, coding: str, requantize: bool, quant_options: dict | None,
+                 log: Callable[..., Any]):
+        self.bits = _window_bits(T)
+        if coding not in CODINGS:
+            raise TtfscError(f"--coding {coding!r}: choose one of {', '.join(CODINGS)}")
+        self.T, self.coding, self.requantize, self.log = T, coding, requantize, log
+        self.quant_options = quant_options or {}
+        self.pipeline = coding
+
+    def prepare(self, model: onnx.ModelProto, model_path: str, out_path: str,
+                qdq: bool) -> tuple[onnx.ModelProto, dict, PassOptions]:
+        """A float model is quantized first; its QANN is kept beside the output for ``ttfsc verify``."""
+        report: dict = {"input": str(model_path), "T": self.T, "coding": self.coding}
+        if not qdq:
+            if self.bits is None:
+                raise TtfscError(f"{model_path} is a float model: -T auto needs a QDQ model whose widths it keeps. "
+                                 "Give -T 2^abits (e.g. 64), or quantize first (ttfsc quantize --abits-for ...).")
+            qann_path = qann_path_for(out_path)
+            model, report["quantized"] = _quantize_first(model_path, qann_path, self.bits, self.quant_options,
+                                                         self.log)
+            report["qann"] = qann_path
+        return model, report, PassOptions(None if self.bits is None else self.T, self.requantize)
+
+    def check(self, model: onnx.ModelProto, model_path: str) -> None:
+        check_rewritten(model, model_path)
+
+    def stages(self, model: onnx.ModelProto) -> list[dict]:
+        return stages(model)
+
+    def coverage(self, model: onnx.ModelProto, src_dir: str | None) -> dict:
+        per_block, cov = spiking_coverage(model, src_dir)
+        return {"stages_per_block": per_block, "coverage": cov}
+
+    def metadata(self) -> tuple[tuple[str, ...], dict[str, str]]:
+        return (), {"ttfsc.T": str(self.T), "ttfsc.coding": self.coding}
+
+
+#: the plan of each ``--neuron``
+PLANS: dict[str, type] = {"qc": QcCompile, "continuous": ContinuousCompile}
+
+
 def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool = False,
                   quant_options: dict | None = None, log=print, coding: str = "ttfs", neuron: str = "qc") -> dict:
-    """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``.
+    """Compile ``model_path`` (QDQ or float) into a spiking model at ``out_path``; return the report.
 
     A float model is first quantized with A = log2(T) bits; that QANN is kept beside the output
-    (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs. ``T="auto"`` keeps
-    each stage's own width from a QDQ model (mixed windows). ``neuron="continuous"`` builds the
-    TTFSFormer-style baseline from a float model instead (compiler/continuous.py).
+    (``<out>.qann.onnx``) because it is the reference ``ttfsc verify`` needs. ``neuron="continuous"``
+    builds the TTFSFormer-style baseline from a float model instead (compiler/continuous.py).
     """
-    if neuron != "qc":
-        return _compile_other_neuron(model_path, out_path, T, requantize, quant_options, log, coding, neuron)
-    bits = _window_bits(T)
+    if neuron not in PLANS:
+        raise TtfscError(f"--neuron {neuron!r}: choose one of {', '.join(NEURONS)}")
+    plan: CompilePlan = PLANS[neuron](T, coding, requantize, quant_options, log)
     t0 = time.perf_counter()
     model = load_model(model_path)
     src_dir = model_dir(model)
-    report: dict = {"input": str(model_path), "T": T, "coding": coding}
-    if not is_qdq(model):
-        if bits is None:
-            raise TtfscError(f"{model_path} is a float model: -T auto needs a QDQ model whose widths it keeps. "
-                             "Give -T 2^abits (e.g. 64), or quantize first (ttfsc quantize --abits-for ...).")
-        qann_path = qann_path_for(out_path)
-        model, report["quantized"] = _quantize_first(model_path, qann_path, bits, quant_options or {}, log)
-        report["qann"] = qann_path
-    report["passes"] = run_passes(model, None if bits is None else T, requantize, coding)
-    _check_rewritten(model, model_path)
-    report["stages"] = stages(model)
+    model, report, options = plan.prepare(model, model_path, out_path, is_qdq(model))
+    report["passes"] = run_checked(model, plan.pipeline, options)
+    plan.check(model, model_path)
+    report["stages"] = plan.stages(model)
     report["latency_steps_per_token"] = latency_per_token(model)
-    report["stages_per_block"], report["coverage"] = spiking_coverage(model, src_dir)
-    _set_meta(model, T, coding)
+    report.update(plan.coverage(model, src_dir))
+    drop, entries = plan.metadata()
+    if drop:
+        drop_metadata(model, drop)
+    set_metadata(model, entries)
     save_model(model, out_path)
-    _check_saved(out_path, model_path)
+    check_saved(out_path, model_path)
     copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
     report["compile_seconds"] = round(time.perf_counter() - t0, 2)
     return report
-
-
-def _compile_other_neuron(model_path: str, out_path: str, T: int | str, requantize: bool, quant_options: dict | None,
-                          log, coding: str, neuron: str) -> dict:
-    """--neuron continuous (the only other neuron): TTFS coding, no QANN, so no --requantize."""
-    if neuron != "continuous":
-        raise TtfscError(f"--neuron {neuron!r}: choose one of {', '.join(NEURONS)}")
-    if coding != "ttfs" or requantize:
-        raise TtfscError("--neuron continuous is a TTFS baseline built from the float model: "
-                         "drop --coding rate / --requantize.")
-    from ttfsc.compiler.continuous import compile_continuous
-    return compile_continuous(model_path, out_path, T, quant_options, log)
 
 
 def _window_bits(T: int | str) -> int | None:
@@ -241,13 +274,6 @@ def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> 
         f"with A{bits} (= log2 T) activations and W{opts.get('wbits', 8)} weights; the QANN is kept at {qpath}.")
     summary = quantize_model(model_path, qpath, abits=bits, log=log, **opts)
     return load_model(qpath), summary
-
-
-def _set_meta(model: onnx.ModelProto, T: int, coding: str = "ttfs") -> None:
-    meta = {p.key: p for p in model.metadata_props}
-    for key, value in (("ttfsc.T", str(T)), ("ttfsc.coding", coding)):
-        entry = meta.get(key) or model.metadata_props.add()
-        entry.key, entry.value = key, value
 
 
 # quantize's options that compile forwards when it has to quantize a float model first
