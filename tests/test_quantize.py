@@ -19,7 +19,6 @@ from ttfsc import modelio
 from ttfsc.cli import main
 from ttfsc.errors import TtfscError
 from ttfsc.quantizer.quantize import activation_params, quantize_model
-from ttfsc.ttfs import clip_bounds
 
 B, S, D, H, O = 2, 5, 8, 6, 4
 
@@ -168,10 +167,27 @@ def test_shared_input_gets_one_chain_and_mask_add_stays_float(tmp_path):
 
 
 def test_activation_params_use_clip_bounds():
+    # worked by hand: [-1.5, 3.0] on 6 bits: N = 63, scale = 4.5 / 63 = 1/14, z = 1.5 * 14 = 21,
+    # Clip bounds (0 - 21) / 14 = -1.5 and (63 - 21) / 14 = 3.0
     p = activation_params(-1.5, 3.0, 6)
-    assert p.N == 63 and p.scale == np.float32(4.5 / 63)
-    assert p.zero_point == int(np.round(1.5 / np.float64(p.scale)))
-    assert (p.lo, p.hi) == clip_bounds(p.scale, p.zero_point, 63)
+    assert p.N == 63 and p.scale == np.float32(1 / 14) and p.zero_point == 21
+    assert np.isclose(p.lo, -1.5, rtol=1e-6, atol=0) and np.isclose(p.hi, 3.0, rtol=1e-6, atol=0)
+    # onnxruntime's own Clip -> QuantizeLinear -> DequantizeLinear with these parameters: the Clip
+    # bounds are exactly the values of codes 0 and N (clipping adds no rounding of its own), 0.0
+    # is exact, and out-of-range inputs land on the end codes
+    x = np.array([-100.0, p.lo, -0.75, 0.0, 1.0, p.hi, 100.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+         helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [7]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+        [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", p.lo), ("hi", p.hi), ("s", p.scale))]
+        + [numpy_helper.from_array(np.array(p.zero_point, np.uint8), "z")])
+    q, y = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).run(None, {"x": x})
+    assert q.tolist() == [0, 0, 11, 21, 35, 63, 63]  # -0.75 * 14 = -10.5 rounds half to even: 21 - 10
+    assert y[0] == p.lo and y[-1] == p.hi and y[3] == 0.0
     assert activation_params(0.5, 2.0, 4).zero_point == 0  # 0 is always inside the range
     assert activation_params(-2.0, -0.5, 4).zero_point == 15
 
@@ -197,7 +213,11 @@ def test_qdq_matches_numpy_fake_quant_exactly(tmp_path):
         lo, hi, scale, z = (inits[clip.input[1]], inits[clip.input[2]], inits[q.input[1]], int(inits[q.input[2]]))
         assert inits[q.input[2]].dtype == np.uint8
         np.testing.assert_array_equal(res[name], _fake_quant(ref_in[name], lo, hi, scale, z, N))
-        assert res[q.output[0]].max() <= N and res[q.output[0]].min() >= 0
+        # the codes themselves: the Clip bounds keep round(c / scale) + z inside [0, N] with no
+        # saturation left to QuantizeLinear (a bound off the grid would give N + 1 or -1 here)
+        codes = np.rint(np.clip(ref_in[name], lo, hi) / np.float32(scale)) + z
+        np.testing.assert_array_equal(res[q.output[0]], codes)
+        assert codes.min() == 0 and codes.max() <= N
     assert res[q_outs[0]].max() == N and res[q_outs[0]].min() == 0, "clipped values reach the end codes"
     for node, x_name, out_name in (("q_proj", x_dq, "a"), ("k_proj", x_dq, "b"), ("o_proj", o_dq, "y")):
         _, w, _ = _dequantized_weight(model, lin[node][1])
