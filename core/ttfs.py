@@ -557,3 +557,37 @@ def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: fl
     """
     b_half = rounding_top(b, step)
     return theorem2_psi(h_inv, b_half, step, N), theorem2_theta(h_inv, b_half)
+
+
+# ---------------------------------------------------------------- the quantizer's grid
+
+def range_scale(lo: float, hi: float, N: int) -> np.float32:
+    """``scale = (hi - lo) / N`` of a range widened to hold 0 (so 0.0 gets an exact code).
+
+    A range of width 0 (an all-zero tensor) gets scale 1: any scale represents it exactly. The
+    scale never underflows to 0, which QuantizeLinear would divide by.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / N) if hi > lo else np.float32(1.0)
+    return max(scale, np.finfo(np.float32).tiny)
+
+
+def range_params(lo: float, hi: float, N: int) -> tuple[np.float32, int]:
+    """(scale, zero point) of the asymmetric quantizer with N + 1 levels that covers [lo, hi] and 0."""
+    scale = range_scale(lo, hi, N)
+    return scale, range_zero_point(min(float(lo), 0.0), scale, N)
+
+
+def grid_codes(x: np.ndarray, scale, zero_point: int, lo: int, hi: int) -> np.ndarray:
+    """``clip(round_half_even(x / scale) + zero_point, lo, hi)``: QuantizeLinear's codes, unclipped by type.
+
+    Computed in the arithmetic of ``x`` and ``scale`` (float32 for activations as the QANN runs
+    them, float64 inside GPTQ) and returned as floats, so callers choose the integer type. The
+    activation grid is ``[0, N]``, the symmetric weight grid ``[-qmax, qmax]`` with zero point 0.
+    """
+    return np.clip(np.rint(x / scale) + zero_point, lo, hi)
+
+
+def grid_values(codes: np.ndarray, scale, zero_point: int) -> np.ndarray:
+    """``(codes - zero_point) * scale``: what DequantizeLinear makes of codes."""
+    return (codes - zero_point) * scale
