@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import onnx
 
@@ -80,6 +80,65 @@ class GraphIndex:
         self.nodes = [n for n in self.nodes if id(n) not in ids]
         for n in dead:
             self._unlink(n)
+
+    @classmethod
+    def live(cls, model: onnx.ModelProto) -> "GraphIndex":
+        """An index over the graph's own nodes, not detached copies.
+
+        For code that edits fields of existing nodes in place (the quantizer rewires inputs and
+        renames outputs) and adds nodes to the graph itself: what the index hands out are the
+        model's nodes. Such an index must not ``replace_node``, ``remove_nodes`` or ``commit``.
+        """
+        index = cls.__new__(cls)
+        index.model, index.graph = model, model.graph
+        index.inits = Initializers(model)
+        index.graph_outputs = {o.name for o in model.graph.output}
+        index.nodes = list(model.graph.node)
+        index.rebuild()
+        return index
+
+    def readers(self, name: str) -> list[onnx.NodeProto]:
+        """Consumers that use the values of ``name`` (a Shape reads only its dimensions)."""
+        return [u for u in self.consumers.get(name, []) if u.op_type != "Shape"]
+
+    def reachable(self, seeds: Iterable[str], skip: Sequence[str] = ("Shape",)) -> set[str]:
+        """``seeds`` and every tensor computed from them, in node order; ops in ``skip`` stop the walk.
+
+        With the token embedding and the past KV as seeds this is a decoder's activation set (a
+        Shape's output is an integer about the tensor, not a value computed from it).
+        """
+        out = set(seeds)
+        for node in self.nodes:
+            if node.op_type not in skip and any(i in out for i in node.input):
+                out.update(node.output)
+        return out
+
+    def carrier_source(self, name: str, values: set[str]) -> str:
+        """``name`` traced back through VALUE_CARRIERS ops that carry exactly one tensor of ``values``.
+
+        Where a value was computed, seen from a reader behind reshapes and transposes.
+        """
+        while name in self.producer:
+            node = self.producer[name]
+            carried = [i for i in node.input if i in values]
+            if node.op_type not in VALUE_CARRIERS or len(carried) != 1:
+                break
+            name = carried[0]
+        return name
+
+    def carrier_sink(self, name: str, targets: set[str]) -> str:
+        """Follow single-reader VALUE_CARRIERS ops forward from ``name`` to one of ``targets``.
+
+        Returns the target reached, or ``name`` itself when the chain branches, ends in another
+        op or passes a graph output first.
+        """
+        t = name
+        while t not in targets:
+            users = self.readers(t)
+            if len(users) != 1 or users[0].op_type not in VALUE_CARRIERS or t in self.graph_outputs:
+                return name
+            t = users[0].output[0]
+        return t
 
 
 # ---------------------------------------------------------------- op vocabularies
