@@ -26,7 +26,7 @@ Each TTFS node is replaced, when a session opens, by the closed form of its neur
   value table ``a + (N - t)*step``; its receivers are TTFSReceives on the table path.
 
 Why subgraphs and not a C++ library: the matmuls must run on onnxruntime's own integer kernels
-anyway, and expressed this way the whole stage fuses into them (NOTES.md section 5; the
+anyway, and expressed this way the whole stage fuses into them (docs/theory.md §11; the
 benchmark records the measured cost).
 """
 from __future__ import annotations
@@ -35,13 +35,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ttfsc.dialect import (CONT_DECODE, CONT_EMIT, DECODE, EMIT, RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RECEIVE,
-                               ContinuousEmitSpec, EmitSpec, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
-                               continuous_decode_spec, decode_spec, rate_decode_spec)
-from ttfsc.ttfs import (UniformStage, count_dtype, emit_table, is_step_kernel, is_uniform, receive_table,
-                        time_dtype)
-
-MS_DOMAIN = "com.microsoft"
+from ttfsc.dialect import (ContinuousEmitSpec, EmitSpec, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
+                           continuous_decode_spec, decode_spec, rate_decode_spec, time_elem_type)
+from ttfsc.graph import MS_DOMAIN
+from ttfsc.ttfs import (UniformStage, count_dtype, emit_table, is_step_kernel, is_uniform, receive_table, tie_blocked,
+                        time_dtype, times_grid)
 
 
 class Lowering:
@@ -74,14 +72,11 @@ def _qdq_domain(T: int) -> str:
     return "" if time_dtype(T) == np.uint8 else MS_DOMAIN
 
 
-def _time_elem_type(T: int) -> int:
-    return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
-
-
 def decode_times(lw: Lowering, t: str, T: int, t_ref: int, step: float, out: str | None = None) -> str:
     """x = (t - t_ref) * (-step) = (t_ref - t) * step: the spike-time code, read as a value."""
-    scale = lw.const(np.float32(-np.float32(step)), "neg_step", np.float32)
-    zp = lw.const(t_ref, "t_ref", time_dtype(T))
+    neg_step, t0 = times_grid(step, t_ref)
+    scale = lw.const(neg_step, "neg_step", np.float32)
+    zp = lw.const(t0, "t_ref", time_dtype(T))
     return lw.op("DequantizeLinear", [t, scale, zp], out, domain=_qdq_domain(T))
 
 
@@ -89,16 +84,18 @@ def lower_emit(node: onnx.NodeProto) -> Lowering:
     e = EmitSpec.from_node(node)
     lw = Lowering(node.name or node.output[0])
     if is_uniform(np.asarray(e.psi), e.theta, e.step, e.t_ref):
-        _emit_uniform(lw, node.input[0], node.output[0], e)
+        emit_uniform(lw, node.input[0], node.output[0], e)
     else:
         _emit_table(lw, node.input[0], node.output[0], e)
     return lw
 
 
-def _emit_uniform(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
-    stage = UniformStage(e.step, e.N - e.t_ref, e.T, e.tie_rule)
+def emit_uniform(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
+    """Corollary 1's emission in closed form: potential ``v`` to spike times ``t`` (also a TTFSNeuron's)."""
+    stage = e.stage()
     # a negative scale makes the quantizer produce spike times; ties go to the earlier spike
-    _quantize(lw, v, t, -stage.step, e.t_ref, e.N, stage.clip_bounds(), e.tie_rule, "Floor")
+    neg_step, t_ref = times_grid(stage.step, e.t_ref)
+    _quantize(lw, v, t, neg_step, t_ref, e.N, stage.clip_bounds(), e.tie_rule, "Floor")
 
 
 def _quantize(lw: Lowering, v: str, out: str, scale: float, zp: int, N: int,
@@ -123,7 +120,7 @@ def _quantize(lw: Lowering, v: str, out: str, scale: float, zp: int, N: int,
     r = lw.op("Where", [tie, lw.op(half_up_tie, [w]), lw.op("Round", [w])])
     k = lw.op("Add", [r, lw.const(np.float32(zp), "zp_f", np.float32)])
     k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(N), "N", np.float32)])
-    lw.op("Cast", [k], out, to=_time_elem_type(N + 1))
+    lw.op("Cast", [k], out, to=time_elem_type(N + 1))
 
 
 def _emit_table(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
@@ -133,22 +130,21 @@ def _emit_table(lw: Lowering, v: str, t: str, e: EmitSpec) -> None:
     theta = lw.const(np.float32(e.theta), "theta", np.float32)
     cross = lw.op("GreaterOrEqual", [vk, theta])
     if e.tie_rule == "half_even":
-        odd = ((e.t_ref - np.arange(e.N)) % 2 != 0)
-        skip = lw.op("And", [lw.op("Equal", [vk, theta]), lw.const(odd, "odd_slot", np.bool_)])
+        skip = lw.op("And", [lw.op("Equal", [vk, theta]), lw.const(tie_blocked(e.t_ref, e.N), "odd_slot", np.bool_)])
         cross = lw.op("And", [cross, lw.op("Not", [skip])])
     ci = lw.op("Cast", [cross], to=TensorProto.INT32)
     first = lw.op("ArgMax", [ci], axis=-1, keepdims=0, select_last_index=0)
     any_ = lw.op("Cast", [lw.op("ReduceMax", [ci, lw.const(np.array([-1], np.int64), "ax")], keepdims=0)],
                  to=TensorProto.BOOL)
     k = lw.op("Where", [any_, first, lw.const(np.int64(e.N), "N", np.int64)])
-    lw.op("Cast", [k], t, to=_time_elem_type(e.T))
+    lw.op("Cast", [k], t, to=time_elem_type(e.T))
 
 
 def lower_receive(node: onnx.NodeProto) -> Lowering:
     r = ReceiveSpec.from_node(node)
     lw = Lowering(node.name or node.output[0])
     t = node.input[0]
-    a_in = UniformStage(r.step_in, r.T_in - 1 - r.t_ref_in, r.T_in).a
+    a_in = UniformStage.from_timing(r.step_in, r.t_ref_in, r.T_in).a
     if is_step_kernel(np.asarray(r.eta), r.step_in) and np.float32(r.c_offset) == a_in and r.gain == 1.0:
         _receive_matmul(lw, node, decode_times(lw, t, r.T_in, r.t_ref_in, r.step_in))
         return lw
@@ -226,7 +222,7 @@ def lower_continuous_emit(node: onnx.NodeProto) -> Lowering:
     u = lw.op("Floor", [lw.op("Div", [d, lw.const(st.step, "step", np.float32)])])
     k = lw.op("Sub", [lw.const(np.float32(st.N), "N", np.float32), u])
     k = lw.op("Clip", [k, lw.const(np.float32(0), "zero", np.float32), lw.const(np.float32(st.N), "N_hi", np.float32)])
-    lw.op("Cast", [k], node.output[0], to=_time_elem_type(st.T))
+    lw.op("Cast", [k], node.output[0], to=time_elem_type(st.T))
     return lw
 
 
@@ -238,12 +234,3 @@ def lower_continuous_decode(node: onnx.NodeProto) -> Lowering:
     lw.op("Gather", [lw.const(st.values(), "values", np.float32), idx], node.output[0], axis=0)
     return lw
 
-
-LOWERINGS = {EMIT: lower_emit, RECEIVE: lower_receive, DECODE: lower_decode,
-             RATE_EMIT: lower_rate_emit, RATE_RECEIVE: lower_rate_receive, RATE_DECODE: lower_rate_decode,
-             CONT_EMIT: lower_continuous_emit, CONT_DECODE: lower_continuous_decode}
-
-from ttfsc.runtime.neuron import lower_neuron  # noqa: E402  (neuron.py imports this module lazily)
-from ttfsc.dialect import NEURON  # noqa: E402
-
-LOWERINGS[NEURON] = lower_neuron
