@@ -34,7 +34,13 @@ from ttfsc.analysis.energy import (
     Counts, EnergyConstants, INT_PRICES, E_AC_PJ, E_BIT_PJ, E_MAC_PJ, E_MUL_PJ, E_STATIC_PJ, REDUCE_OPS,
     FLOAT_OP_COST, bits_per_spike, clipping_term, dense_macs, float_op_macs, grid_terms, neuron_fan_in,
     neuron_synaptic, neuron_updates, qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
+from ttfsc.dialect import (CODING_OF_EMIT, RATE_RECEIVE, RECEIVE, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
+                           emit_spec, stage_steps)
 from ttfsc.errors import TtfscError
+from ttfsc.graph import with_outputs
+from ttfsc.modelio import Initializers, load_model, model_dir
+from ttfsc.neuron import NeuronSpec, is_neuron
+from ttfsc.ttfs import DOMAIN, decode_counts, decode_times, emit_ramp, receive_bias
 
 HELP = "markdown report with plots: latency, spikes, AC/MAC counts, energy vs the QANN, error vs Theorem 3"
 CONTINUOUS_T = (4096, 8192)   # TTFSFormer-style continuous-time conversion, for comparison
@@ -117,9 +123,6 @@ def _kind(name: str) -> str:
 
 def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: str) -> list[Stage]:
     """Every emission of ``snn``; with ``qann``, also the float tensor each stands for (else its potential)."""
-    from ttfsc.runtime.neuron import is_neuron
-    from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, emit_spec, stage_steps
-    from ttfsc.ttfs import RateStage, UniformStage
     producers = {o: n for n in qann.graph.node for o in n.output} if qann is not None else None
     out = []
     for n in snn.graph.node:
@@ -134,15 +137,14 @@ def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: st
             x = v
         else:  # a KV-cache past encoder (kv_relay) stands for no QANN tensor of its own
             x = _float_tensor(n.name, e.qann_tensor, producers) if e.qann_tensor else None
+        rs = e.stage()
         if isinstance(e, RateEmitSpec):
-            rs: object = RateStage(e.threshold, e.zero_point, e.N)
-            step, t_ref, zp = e.threshold, 0, e.zero_point
+            step, t_ref = e.threshold, 0
         else:
-            rs = UniformStage(e.step, e.N - e.t_ref, e.T)
-            step, t_ref, zp = e.step, e.t_ref, e.N - e.t_ref
+            step, t_ref = e.step, e.t_ref
         a, b = rs.clip_bounds()
         out.append(Stage(n.name, _kind(n.name), CODING_OF_EMIT[n.op_type], e.T, stage_steps(n), v,
-                         n.output[0], x, float(step), t_ref, zp, float(a), float(b), e))
+                         n.output[0], x, float(step), t_ref, rs.zero_point, float(a), float(b), e))
     if not out:
         raise TtfscError(f"{snn_path}: not a spiking model (no TTFSEmit or RateEmit stage). "
                          "Compile it first: ttfsc compile MODEL.qdq.onnx -T 64 -o MODEL.snn.onnx")
@@ -205,14 +207,6 @@ def float_reference(qann: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return out, pairs
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
-    return out
-
-
 # ---------------------------------------------------------------- runs
 
 def _generator(model: onnx.ModelProto, extra: list[str], float_only: bool = False):
@@ -222,13 +216,12 @@ def _generator(model: onnx.ModelProto, extra: list[str], float_only: bool = Fals
     into a dynamically quantized MatMul (it does at ORT_ENABLE_ALL), which would quantize the
     float reference's activations after all.
     """
-    from ttfsc.modelio import model_dir
     from ttfsc.runtime.generate import Generator
     from ttfsc.runtime.session import default_options, open_session
     so = default_options()
     if float_only:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
-    return Generator(open_session(_with_outputs(model, extra), so), model_dir(model))
+    return Generator(open_session(with_outputs(model, extra), so), model_dir(model))
 
 
 def _run(gen, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
@@ -313,9 +306,8 @@ def _op_kind(n: onnx.NodeProto) -> str:
 
 def decode(s: Stage, out: np.ndarray) -> np.ndarray:
     """Values the stage's spikes stand for: (t_ref - t) * step, or (count - z) * threshold."""
-    from ttfsc.ttfs import decode_times
     if s.coding == "rate":
-        return ((out.astype(np.int64) - s.zero_point).astype(np.float32) * np.float32(s.step)).astype(np.float32)
+        return decode_counts(out, s.step, s.zero_point)
     return decode_times(out, s.step, s.t_ref)
 
 
@@ -358,14 +350,11 @@ def _errors(xs: np.ndarray, xf: np.ndarray, v: np.ndarray | None) -> dict[str, f
 
 
 def _receives(snn: onnx.ModelProto) -> list[onnx.NodeProto]:
-    from ttfsc.dialect import RATE_RECEIVE, RECEIVE
-    from ttfsc.ttfs import DOMAIN
     return [n for n in snn.graph.node if n.domain == DOMAIN and n.op_type in (RECEIVE, RATE_RECEIVE)]
 
 
 def neuron_probes(snn: onnx.ModelProto) -> list[str]:
     """Tensors the TTFSNeuron counts read: every non-initializer input (spike times, side inputs)."""
-    from ttfsc.runtime.neuron import is_neuron
     inits = {t.name for t in snn.graph.initializer}
     return [i for n in snn.graph.node if is_neuron(n) for i in n.input if i and i not in inits]
 
@@ -373,7 +362,6 @@ def neuron_probes(snn: onnx.ModelProto) -> list[str]:
 def count_neurons(snn: onnx.ModelProto, snn_out: dict, keys: int, snn_c: Counts, qann_c: Counts) -> None:
     """Add every TTFSNeuron's synaptic ACs, product MULs and receive-phase updates (and a wired
     linear's dense MACs to the QANN) to the counts. ``snn_out`` holds ``neuron_probes``' tensors."""
-    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
     dims = {t.name: tuple(t.dims) for t in snn.graph.initializer}
     for n in (n for n in snn.graph.node if is_neuron(n)):
         spec = NeuronSpec.from_node(n)
@@ -448,7 +436,6 @@ def pick_trace_stage(snn: onnx.ModelProto, stages: list[Stage], which: str | Non
 
 def _weights(snn: onnx.ModelProto, r: onnx.NodeProto, cols: np.ndarray) -> np.ndarray:
     """Dequantized weights [K, len(cols)] of a receive: (W - zp) * scale per output channel."""
-    from ttfsc.modelio import Initializers
     inits = Initializers(snn)
     W = np.asarray(inits.value(r.input[1]))[:, cols].astype(np.float64)
     if len(r.input) > 2 and r.input[2]:
@@ -490,20 +477,19 @@ def _pick_fired(times: np.ndarray, fired: np.ndarray, n: int) -> np.ndarray:
 
 def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, w: np.ndarray,
                 runtime_v: np.ndarray, n: int) -> dict:
-    from ttfsc.dialect import ReceiveSpec
     e = s.spec
     if v is None:  # a TTFSNeuron: no potential to step; its real spike times still drive the receive
         pick, emit_traces, emit_times, matches = np.zeros(0, int), np.zeros((0, e.N + 1)), np.zeros(0, int), None
     else:
         tr = sim.emit(v, np.asarray(e.psi), e.theta, e.N, e.t_ref, e.tie_rule)
         pick = _pick_fired(tr.times, tr.times < e.N, n)
-        table = np.concatenate([[0.0], np.cumsum(np.asarray(e.psi, dtype=np.float64))])[: e.N + 1]
+        table = emit_ramp(e.psi)
         emit_traces, emit_times = v[pick, None] + table[None, :], tr.times[pick]
         matches = int(np.count_nonzero(tr.times == t))
     rs = ReceiveSpec.from_node(r)
     N_in = rs.T_in - 1
     eta = np.asarray(rs.eta, dtype=np.float64)
-    C = rs.c_offset * w.sum(axis=0) / N_in
+    C = receive_bias(rs.c_offset, w, N_in)
     recv = np.stack([sim.receive(t[None, :], w, eta[:k], C, k, rs.gain)[0] if k else np.zeros(w.shape[1])
                      for k in range(N_in + 1)], axis=1)
     return {"coding": "ttfs", "stage": s.name, "receiver": r.name, "N": e.N, "N_in": N_in,
@@ -517,7 +503,6 @@ def _trace_ttfs(sim, s: Stage, r: onnx.NodeProto, t: np.ndarray, v: np.ndarray, 
 
 def _trace_rate(sim, s: Stage, r: onnx.NodeProto, c: np.ndarray, v: np.ndarray, w: np.ndarray,
                 runtime_v: np.ndarray, n: int) -> dict:
-    from ttfsc.dialect import RateReceiveSpec
     st = s.spec.stage()
     tr = sim.rate_emit(v.astype(np.float32), st)
     pick = _pick_fired(-tr.counts, tr.counts > 0, n)
@@ -675,9 +660,7 @@ def build_report(model: str, text: str, qann: str | None = None, tokens: int = 2
 
     Arrays needed only for the plots travel under the key ``"_plots"``.
     """
-    from ttfsc.modelio import load_model
     from ttfsc.compiler.pipeline import latency_per_token, stages as pipeline_stages
-    from ttfsc.runtime.neuron import is_neuron
     from ttfsc.runtime.tokenizer import load_tokenizer
     snn_path = Path(model)
     snn = load_model(snn_path)

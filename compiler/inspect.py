@@ -30,6 +30,9 @@ import numpy as np
 import onnx
 
 from ttfsc.errors import TtfscError
+from ttfsc.modelio import Initializers, load_model
+from ttfsc.neuron import NeuronSpec, is_neuron
+from ttfsc.ttfs import decode_times, distance_to_tie, quantizer_codes, realised_function, times_to_codes
 
 HELP = "check compiled TTFS neurons: the function their kernels realise (Theorem 1) vs their target"
 BOUNDARY = 1e-2  # output steps from a rounding boundary within which float64 vs float32 may differ
@@ -45,7 +48,6 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
-    from ttfsc.modelio import load_model
     if not args.neurons:
         raise TtfscError("inspect: give --neurons (the per-neuron Theorem-1 check).")
     report = inspect_neurons(load_model(args.model), args.samples, args.seed)
@@ -65,8 +67,6 @@ def cli(args) -> int:
 
 
 def inspect_neurons(model: onnx.ModelProto, samples: int = 512, seed: int = 0) -> dict:
-    from ttfsc.modelio import Initializers
-    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
     inits = Initializers(model)
     rows = []
     for n in model.graph.node:
@@ -99,7 +99,6 @@ def check_neuron(spec, node: onnx.NodeProto, inits, samples: int, rng: np.random
 
 
 def realised_codes(spec, t_in, eta, c, w, reduce) -> np.ndarray:
-    from ttfsc.ttfs import realised_function
     e = spec.emit
     n_in = [len(k) for k in eta]
     return realised_function(t_in, eta, c, w, n_in, np.asarray(e.psi), e.theta, e.N, e.t_ref, e.tie_rule, reduce)
@@ -108,8 +107,7 @@ def realised_codes(spec, t_in, eta, c, w, reduce) -> np.ndarray:
 def compare_codes(realised: np.ndarray, intended: np.ndarray, v: np.ndarray, step: float) -> dict:
     """Count differing codes, setting apart those whose float64 potential sits on a boundary."""
     diff = np.abs(realised.astype(np.int64) - intended.astype(np.int64))
-    u = np.asarray(v, dtype=np.float64) / np.float64(step)
-    near = np.abs(u - np.floor(u) - 0.5) <= BOUNDARY
+    near = distance_to_tie(v, step) <= BOUNDARY
     bad = diff != 0
     return {"checked": int(diff.size), "mismatch": int((bad & ~(near & (diff == 1))).sum()),
             "boundary": int((bad & near & (diff == 1)).sum()), "max_code_error": int(diff.max(initial=0))}
@@ -117,15 +115,13 @@ def compare_codes(realised: np.ndarray, intended: np.ndarray, v: np.ndarray, ste
 
 def _out_codes(v: np.ndarray, spec) -> np.ndarray:
     """The output grid's quantizer in float64: round half even, clip to 0..N (the intended codes)."""
-    e = spec.emit
-    z = e.N - e.t_ref
-    return np.clip(np.rint(np.asarray(v, dtype=np.float64) / np.float64(e.step)) + z, 0, e.N).astype(np.int64)
+    st = spec.emit.stage()
+    return quantizer_codes(v, spec.emit.step, st.zero_point, st.N, dtype=np.float64)
 
 
 def _elementwise(spec, node, inits):
     """Every input time; intended = the table (QANN) or, without one, the float64 target rounded."""
-    from ttfsc.passes.neuron_groups import eval_body_f64
-    from ttfsc.ttfs import decode_times
+    from ttfsc.passes.neuron_groups import eval_body_f64  # imports onnxruntime: not at `ttfsc --help`
     T = spec.windows_in[0]
     t = np.arange(T)
     x = decode_times(t, spec.steps_in[0], spec.t_refs_in[0]).astype(np.float64)
@@ -134,13 +130,12 @@ def _elementwise(spec, node, inits):
     for name, src in zip(names[1:], node.input[1:]):
         feeds[name] = np.asarray(inits.value(src), dtype=np.float64) if src in inits.by_name else 0.0
     v = eval_body_f64(spec.body, feeds)
-    intended = spec.emit.N - np.asarray(spec.table) if spec.table else _out_codes(v, spec)
+    intended = times_to_codes(spec.table, spec.emit.N) if spec.table else _out_codes(v, spec)
     return [t], [1.0], intended, v
 
 
 def _sampled(spec, samples: int, rng: np.random.Generator):
     """Random spike times for a fan-in vector; the kind's float64 target, rounded to the output grid."""
-    from ttfsc.ttfs import decode_times
     k = spec.fan_in if spec.fan_in > 0 else FAN_IN_CONTEXT
 
     def draw(j: int, shape) -> tuple[np.ndarray, np.ndarray]:

@@ -23,12 +23,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.errors import TtfscError
-from ttfsc.modelio import Initializers, load_model, model_dir
-from ttfsc.runtime.generate import Generator
 from ttfsc.dialect import CODING_OF_EMIT, emit_spec
+from ttfsc.errors import TtfscError
+from ttfsc.graph import with_outputs
+from ttfsc.modelio import Initializers, load_model, model_dir
+from ttfsc.neuron import is_neuron
+from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import exact_options, open_session, session_from_model
-from ttfsc.ttfs import codes_to_times, is_exact_tie, rate_spike_count, spike_count
+from ttfsc.ttfs import codes_to_times, is_exact_tie, rate_spike_count, spike_count, times_to_codes
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Probe:
     def snn_codes(self, out: np.ndarray) -> np.ndarray:
         """The codes the stage emitted: q = N - t for spike times, the count itself for rate."""
         out = out.astype(np.int64)
-        return out if self.coding == "rate" else self.T - 1 - out
+        return out if self.coding == "rate" else times_to_codes(out, self.T - 1)
 
 
 COUNT_KEYS = ("codes", "mismatch", "ties", "ties_seen", "spikes", "ttfs_spikes", "rate_spikes")
@@ -93,21 +95,10 @@ def reference_options(snn: onnx.ModelProto):
     near-tie codes differently with and without probes (greedy diverged at token 5). With the
     fusions off the QANN is one function, and the spiking model equals it.
     """
-    from ttfsc.runtime.neuron import is_neuron
     so = exact_options(snn)
     if any(is_neuron(n) for n in snn.graph.node):
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:
-            out.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return out
 
 
 def _tokens(rng: np.random.Generator, n: int, vocab: int, bos: int) -> list[int]:
@@ -143,8 +134,8 @@ def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 
     probes = find_probes(qann, snn)
     q_probes = [n for p in probes for n in (p.codes, p.value)]
     s_probes = [p.spikes for p in probes]
-    q_sess = session_from_model(_with_outputs(qann, q_probes), reference_options(snn))
-    s_sess = open_session(_with_outputs(snn, s_probes), reference_options(snn))
+    q_sess = session_from_model(with_outputs(qann, q_probes), reference_options(snn))
+    s_sess = open_session(with_outputs(snn, s_probes), reference_options(snn))
     q_gen, s_gen = Generator(q_sess, model_dir(qann)), Generator(s_sess, model_dir(snn))
     tok = _tokenizer(snn_path)
     bos = getattr(tok, "bos_id", None) or 1

@@ -51,15 +51,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
-from ttfsc.ttfs import DOMAIN, ContinuousStage, RateStage, UniformStage
+from ttfsc.ttfs import DOMAIN, ContinuousStage, RateStage, UniformStage, tau_of_step, time_dtype
 
 EMIT, RECEIVE, DECODE = "TTFSEmit", "TTFSReceive", "TTFSDecode"
 TTFS_OPS = (EMIT, RECEIVE, DECODE)
 RATE_EMIT, RATE_RECEIVE, RATE_DECODE = "RateEmit", "RateReceive", "RateDecode"
 RATE_OPS = (RATE_EMIT, RATE_RECEIVE, RATE_DECODE)
-NEURON = "TTFSNeuron"  # a receive+emit stage of nonlinear/product neurons (runtime/neuron.py)
+NEURON = "TTFSNeuron"  # a receive+emit stage of nonlinear/product neurons (ttfsc.neuron)
 CONT_EMIT, CONT_DECODE = "ContinuousEmit", "ContinuousDecode"
 
 
@@ -67,8 +67,14 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _s(v) -> str:
+def attr_text(v) -> str:
+    """A STRING attribute as text: onnx hands those back as bytes."""
     return v.decode() if isinstance(v, bytes) else v
+
+
+def time_elem_type(T: int) -> int:
+    """ONNX element type of spike-time tensors of a T-slot window (``ttfs.time_dtype``)."""
+    return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
 
 
 @dataclass(frozen=True)
@@ -93,16 +99,21 @@ class EmitSpec:
     def from_node(cls, node: onnx.NodeProto) -> "EmitSpec":
         a = attrs(node)
         return cls(int(a["window"]), int(a["t_ref"]), float(a["step"]), tuple(a["psi"]), float(a["theta"]),
-                   _s(a.get("tie_rule", "half_even")), _s(a.get("qann_tensor", "")), int(a.get("qann_code_min", 0)))
+                   attr_text(a.get("tie_rule", "half_even")), attr_text(a.get("qann_tensor", "")),
+                   int(a.get("qann_code_min", 0)))
 
     @property
     def N(self) -> int:
         return self.T - 1
 
+    def stage(self) -> UniformStage:
+        """The Corollary-1 stage on this emission's grid (its zero point, range and kernels)."""
+        return UniformStage.from_timing(self.step, self.t_ref, self.T, self.tie_rule)
+
     def make_node(self, v: str, t: str, name: str) -> onnx.NodeProto:
         return helper.make_node(
             EMIT, [v], [t], name=name, domain=DOMAIN, window=self.T, t_ref=self.t_ref, step=self.step,
-            tau=float(1.0 / np.float64(self.step)), psi=list(self.psi), theta=self.theta,
+            tau=tau_of_step(self.step), psi=list(self.psi), theta=self.theta,
             tie_rule=self.tie_rule, qann_tensor=self.qann_tensor, qann_code_min=self.qann_code_min)
 
     def make_decode(self, t: str, x: str, name: str) -> onnx.NodeProto:
@@ -125,7 +136,7 @@ class ReceiveSpec:
     @classmethod
     def from_emit(cls, e: EmitSpec) -> "ReceiveSpec":
         """Step input kernel after a uniform stage (Theorem 2 with f = identity)."""
-        stage = UniformStage(e.step, e.N - e.t_ref, e.T)
+        stage = e.stage()
         return cls(e.T, e.t_ref, e.step, tuple(float(v) for v in stage.eta()), float(stage.a), 1.0)
 
     @classmethod
@@ -163,8 +174,9 @@ class RateEmitSpec:
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "RateEmitSpec":
         a = attrs(node)
-        return cls(int(a["steps"]), float(a["threshold"]), int(a["zero_point"]), _s(a.get("tie_rule", "half_even")),
-                   _s(a.get("qann_tensor", "")), int(a.get("qann_code_min", 0)))
+        return cls(int(a["steps"]), float(a["threshold"]), int(a["zero_point"]),
+                   attr_text(a.get("tie_rule", "half_even")), attr_text(a.get("qann_tensor", "")),
+                   int(a.get("qann_code_min", 0)))
 
     @property
     def T(self) -> int:
@@ -229,7 +241,7 @@ class ContinuousEmitSpec:
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "ContinuousEmitSpec":
         a = attrs(node)
-        return cls(int(a["window"]), float(a["a"]), float(a["b"]), _s(a.get("source_tensor", "")))
+        return cls(int(a["window"]), float(a["a"]), float(a["b"]), attr_text(a.get("source_tensor", "")))
 
     @property
     def N(self) -> int:
@@ -259,8 +271,8 @@ class ContinuousEmitSpec:
         integer fast path only when that reference reproduces ``a`` exactly, else the table.
         """
         st = self.stage()
-        t_ref = int(np.clip(np.rint(self.N + np.float64(self.a) / np.float64(st.step)), 0, self.N))
-        return ReceiveSpec(self.T, t_ref, float(st.step), tuple(float(v) for v in st.eta()), float(self.a), 1.0)
+        return ReceiveSpec(self.T, st.nearest_t_ref(), float(st.step), tuple(float(v) for v in st.eta()),
+                           float(self.a), 1.0)
 
 
 def continuous_decode_spec(node: onnx.NodeProto) -> ContinuousStage:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttfsc.ttfs import TIE_RULES, RateStage
+from ttfsc.ttfs import TIE_RULES, RateStage, receive_bias, tie_blocked
 
 
 @dataclass
@@ -63,9 +63,10 @@ def emit(v_emit: np.ndarray, psi: np.ndarray, theta: float | np.ndarray, N: int,
     times = np.full(V.shape, N, dtype=np.int64)
     fired = np.zeros(V.shape, dtype=bool)
     per_step = np.zeros(N, dtype=np.int64)
+    blocked = tie_blocked(t_ref, N)
     for k in range(N):
         hit = V >= theta
-        if tie_rule == "half_even" and (t_ref - k) % 2 != 0:
+        if tie_rule == "half_even" and blocked[k]:
             hit &= V != theta
         new = hit & ~fired
         times[new] = k
@@ -126,7 +127,7 @@ def rate_receive(trains: np.ndarray, weights: np.ndarray, step_in: float, z_in: 
     trains = np.asarray(trains, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     N_in = trains.shape[0]
-    bias = -np.float64(step_in) * z_in * w.sum(axis=0) / N_in
+    bias = receive_bias(-np.float64(step_in) * z_in, w, N_in)
     V = np.zeros(trains.shape[1:-1] + (w.shape[1],), dtype=np.float64)
     for s in range(N_in):
         V = V + np.float64(step_in) * (trains[s] @ w) + bias

@@ -369,11 +369,11 @@ def quantizer_codes(x: np.ndarray, scale: float, zero_point: int, N: int, tie_ru
     ``dtype`` is the precision of the quotient x/scale: float32 is the QANN's; float64 rounds an
     exact target (``ttfsc inspect``'s intended codes).
     """
-    u = np.asarray(x, dtype=dtype) / dtype(scale)
+    x, scale = np.asarray(x, dtype=dtype), dtype(scale)
     if tie_rule == "half_even":
-        r = np.rint(u)
-    else:
-        r = np.floor(u) + (u - np.floor(u) >= 0.5)
+        return grid_codes(x, scale, zero_point, 0, N).astype(np.int64)
+    u = x / scale
+    r = np.floor(u) + (u - np.floor(u) >= 0.5)
     return np.clip(r + zero_point, 0, N).astype(np.int64)
 
 

@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 
 from ttfsc.graph import GraphIndex
+from ttfsc.neuron import NeuronSpec
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import ELEMENTWISE, Group, NeuronRule, eval_body_f64, realise_table, two_values
-from ttfsc.runtime.neuron import NeuronSpec
-from ttfsc.ttfs import UniformStage, theorem2_eta
+from ttfsc.passes.neuron_groups import (ELEMENTWISE, Group, NeuronRule, eval_body_f64, input_stage, realise_table,
+                                        two_values)
+from ttfsc.ttfs import theorem2_eta
 
 #: recognisable targets, by the set of arithmetic ops in the group
 TARGETS = {frozenset({"Sigmoid", "Mul"}): "silu", frozenset({"Exp"}): "exp", frozenset({"Pow"}): "square",
@@ -60,7 +61,7 @@ class ElementwiseToNeuron(NeuronRule):
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
-        T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
+        inp = input_stage(kw)
         body = m.nodes["body"]
         names = [vi.name for vi in body.input]  # spike, sides, constants, in this order
         x_name, n_side = names[0], len(grp.sides)
@@ -70,8 +71,8 @@ class ElementwiseToNeuron(NeuronRule):
         def f(x: np.ndarray) -> np.ndarray:
             return eval_body_f64(m.nodes["body"], {x_name: x, **sides, **consts})
 
-        a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
-        kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, step, T - 1)),),
+        a_in = float(inp.a)
+        kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, kw["steps_in"][0], inp.N)),),
                   c_offset=(float(f(np.float64(a_in))),), weights=(1.0,), synapse="one_to_one", fan_in=1)
 
     def realise(self, g: GraphIndex, m: Match, spec: NeuronSpec, feeds: list[str]) -> None:

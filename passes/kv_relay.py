@@ -18,9 +18,9 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ttfsc.graph import GraphIndex
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule
+from ttfsc.passes.neuron_groups import Group, NeuronRule
 from ttfsc.dialect import EmitSpec, emit_spec
 
 ROLE_KV_PAST = "kv_past"
@@ -31,7 +31,7 @@ class KvCacheRelay(NeuronRule):
     kind = "relay"
 
     def accepts(self, grp: Group) -> bool:
-        return (len(grp.spikes) == 1 and "Concat" in grp.op_types and set(grp.op_types) <= PLUMBING
+        return (len(grp.spikes) == 1 and "Concat" in grp.op_types and set(grp.op_types) <= DATA_MOVEMENT
                 and self.past(grp) is not None)
 
     @staticmethod

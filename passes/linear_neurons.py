@@ -20,9 +20,9 @@ Run time: the QANN's own float ops as the body, then the Corollary-1 quantizer: 
 """
 from __future__ import annotations
 
-from ttfsc.graph import GraphIndex
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import PLUMBING, Group, NeuronRule, static_dim, step_kernel
+from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim, step_kernel
 
 LINEAR = {"Add", "Sub", "Mul", "Div", "Neg", "Where", "Sum"}
 
@@ -32,7 +32,7 @@ class LinearToNeuron(NeuronRule):
     kind = "linear"
 
     def accepts(self, grp: Group) -> bool:
-        if grp.activation_products() or not set(grp.op_types) <= LINEAR | PLUMBING:
+        if grp.activation_products() or not set(grp.op_types) <= LINEAR | DATA_MOVEMENT:
             return False
         return len(grp.spikes) >= 2 or bool(grp.sides)
 
@@ -69,7 +69,7 @@ class WiredLinearToNeuron(NeuronRule):
     def accepts(self, grp: Group) -> bool:
         mm = [n for n in grp.nodes if n.op_type == "MatMul"]
         return (len(grp.spikes) == 1 and len(mm) == 1 and not grp.activation_products()
-                and set(grp.op_types) <= PLUMBING | {"MatMul", "Add"})
+                and set(grp.op_types) <= DATA_MOVEMENT | {"MatMul", "Add"})
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]

@@ -24,15 +24,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ttfsc.graph import GraphIndex
+from ttfsc.dialect import DECODE, EMIT, EmitSpec, decode_spec, time_elem_type
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex
+from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.passes.base import Match, Rule
-from ttfsc.runtime.neuron import NeuronSpec, is_neuron
-from ttfsc.dialect import DECODE, EMIT, EmitSpec, decode_spec
-from ttfsc.ttfs import DOMAIN, UniformStage, time_dtype
+from ttfsc.runtime.session import exact_options, lower_model, open_session
+from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, time_dtype
 
-#: data movement only: no arithmetic on values
-PLUMBING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Expand", "Cast", "Identity", "Slice",
-            "Shape", "Gather", "Constant", "Flatten", "Split", "ConstantOfShape", "Range"}
 #: elementwise arithmetic a one-input table neuron may contain
 ELEMENTWISE = {"Sigmoid", "Mul", "Add", "Sub", "Div", "Sqrt", "Exp", "Log", "Pow", "Erf", "Tanh", "Neg",
                "Reciprocal", "Relu", "Identity", "Cast", "Max", "Min", "Clip", "Softplus", "Abs", "Constant"}
@@ -57,7 +55,7 @@ class Group:
 
     @property
     def compute_ops(self) -> list[str]:
-        return [n.op_type for n in self.nodes if n.op_type not in PLUMBING]
+        return [n.op_type for n in self.nodes if n.op_type not in DATA_MOVEMENT]
 
     def spike_derived(self) -> set[str]:
         """Tensors of the body that depend on a spike input."""
@@ -136,7 +134,6 @@ def _first_use(grp: Group, name: str) -> tuple[int, int]:
 
 def tensor_info(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     """Element type and shape of every tensor, inferred on the lowered graph (TTFS ops are opaque)."""
-    from ttfsc.runtime.session import lower_model
     low = lower_model(model)
     try:
         low = onnx.shape_inference.infer_shapes(low, strict_mode=False)
@@ -233,13 +230,17 @@ def eval_body_f64(body: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> np.nda
 
 def input_grid(times: int, t_ref: int, step: float) -> np.ndarray:
     """Decoded value of every spike time 0..T-1, as onnxruntime's DequantizeLinear gives it."""
-    from ttfsc.ttfs import decode_times
     return decode_times(np.arange(times), step, t_ref)
+
+
+def input_stage(kw: dict, j: int = 0) -> UniformStage:
+    """The uniform stage that spike input ``j`` of a neuron under construction comes from."""
+    return UniformStage.from_timing(kw["steps_in"][j], kw["t_refs_in"][j], kw["windows_in"][j])
 
 
 def step_kernel(T: int, t_ref: int, step: float) -> tuple[np.ndarray, float]:
     """eta and c_offset of an identity synapse on a uniform input stage (Theorem 2, f = identity)."""
-    st = UniformStage(step, T - 1 - t_ref, T)
+    st = UniformStage.from_timing(step, t_ref, T)
     return st.eta().astype(np.float64), float(st.a)
 
 
@@ -353,14 +354,12 @@ def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarr
     ``consts`` holds the values of the body's constant inputs (feeds[1:]). onnxruntime's QDQ
     fusions are off, as in verify's reference for fully spiking models (float on exact codes).
     """
-    from onnx import numpy_helper
-    from ttfsc.runtime.session import exact_options, open_session
     T_in = spec.windows_in[0]
     node = spec.make_node(feeds, "t_out", "neuron")
     graph = helper.make_graph(
-        [node], "table", [helper.make_tensor_value_info(feeds[0], _time_type(T_in), [T_in])],
-        [helper.make_tensor_value_info("t_out", _time_type(spec.emit.T), [T_in])],
-        [numpy_helper.from_array(np.asarray(consts[n]), n) for n in feeds[1:]])
+        [node], "table", [helper.make_tensor_value_info(feeds[0], time_elem_type(T_in), [T_in])],
+        [helper.make_tensor_value_info("t_out", time_elem_type(spec.emit.T), [T_in])],
+        [onnx.numpy_helper.from_array(np.asarray(consts[n]), n) for n in feeds[1:]])
     ops = [o for o in (opsets or [helper.make_opsetid("", 18)]) if o.domain != DOMAIN]
     model = helper.make_model(graph, opset_imports=ops + [helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 9
@@ -368,10 +367,6 @@ def realise_table(spec: NeuronSpec, feeds: list[str], consts: dict[str, np.ndarr
     so = exact_options(model)
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     return tuple(int(v) for v in open_session(model, so).run(None, {feeds[0]: t})[0])
-
-
-def _time_type(T: int) -> int:
-    return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
 
 
 def post_product_muls(grp: Group) -> float:

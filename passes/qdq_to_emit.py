@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ttfsc.dialect import EmitSpec
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass, Rule
-from ttfsc.dialect import EmitSpec
-from ttfsc.ttfs import UniformStage, bits_for_window, requantize_params
+from ttfsc.ttfs import UniformStage, bits_for_window, code_of_bound, requantize_params
 
 _CODE_RANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
                onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
@@ -96,8 +96,8 @@ class QuantDequantToEmit(Rule):
         qmin, qmax = _CODE_RANGE.get(zp_type, (0, 255))
         if clip is not None:
             lo, hi = (float(g.const(n).reshape(())) for n in clip.input[1:3])
-            qmin = max(qmin, int(np.rint(np.float32(lo) / np.float32(scale))) + zp)
-            qmax = min(qmax, int(np.rint(np.float32(hi) / np.float32(scale))) + zp)
+            qmin = max(qmin, code_of_bound(lo, scale, zp))
+            qmax = min(qmax, code_of_bound(hi, scale, zp))
         return qmin, qmax
 
     #: suffix of the tensor the emission writes (spike times here; counts in the rate variant)

@@ -11,7 +11,7 @@ its output kernel comes from h = log: ``psi(v) = exp(b' - v*step) - exp(b' - (v+
 with log(V) >= b - (k + 1/2)*step: log of the sum, rounded to the output grid. Every kernel is
 divided by exp(b') (the potential is counted in units of exp(b'): a common factor of all
 kernels and the threshold changes nothing in Eq. 7), so theta = 1 and the kernels stay within
-float range whatever the score range; they are stored in float64 (runtime/neuron.py). A masked key
+float range whatever the score range; they are stored in float64 (ttfsc.neuron). A masked key
 (the QANN adds -inf or a large negative bias before the reduction) contributes exp(-inf) = 0:
 in the body the mask is a side input added exactly as the QANN adds it.
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim
 from ttfsc.dialect import EmitSpec
-from ttfsc.ttfs import UniformStage, output_kernels, theorem2_eta
+from ttfsc.passes.neuron_groups import Group, NeuronRule, input_stage, static_dim
+from ttfsc.ttfs import output_kernels, rounding_top, theorem2_eta
 
 
 class LogSumExpToNeuron(NeuronRule):
@@ -40,11 +40,11 @@ class LogSumExpToNeuron(NeuronRule):
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
-        T, t_ref, step = kw["windows_in"][0], kw["t_refs_in"][0], kw["steps_in"][0]
-        a_in = float(UniformStage(step, T - 1 - t_ref, T).a)
+        inp = input_stage(kw)
+        a_in = float(inp.a)
         e: EmitSpec = kw["emit"]
-        out = UniformStage(e.step, e.N - e.t_ref, e.T)
-        unit = float(out.b) - float(out.step) / 2  # potentials in units of exp(b')
+        out = e.stage()
+        unit = float(rounding_top(out.b, out.step))  # potentials in units of exp(b')
 
         def exp_u(x: np.ndarray) -> np.ndarray:
             return np.exp(x - unit)
@@ -53,7 +53,7 @@ class LogSumExpToNeuron(NeuronRule):
         kw["emit"] = EmitSpec(e.T, e.t_ref, e.step, tuple(float(v) for v in psi), float(theta), e.tie_rule,
                               e.qann_tensor, e.qann_code_min)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(exp_u, a_in, step, T - 1)),),
+        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(exp_u, a_in, kw["steps_in"][0], inp.N)),),
                   c_offset=(float(exp_u(np.float64(a_in))),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log")
 
 

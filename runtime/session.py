@@ -1,7 +1,8 @@
 """Opening an onnxruntime session on a spiking model.
 
 ``open_session(path)`` is the one documented call. It replaces every ``ai.ttfsc`` node by its
-kernel (runtime.kernels) and hands the result to an ordinary ``onnxruntime.InferenceSession``.
+kernel (runtime.kernels and runtime.neuron, registered in runtime.lowerings) and hands the result
+to an ordinary ``onnxruntime.InferenceSession``.
 Weights are never copied: for a model with external data the lowered graph is written next to
 the original (so relative data paths still resolve), loaded, and deleted.
 """
@@ -16,9 +17,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ttfsc.graph import MS_DOMAIN
 from ttfsc.modelio import load_model, model_dir, serialize
-from ttfsc.runtime.kernels import LOWERINGS, MS_DOMAIN
-from ttfsc.ttfs import DOMAIN
+from ttfsc.neuron import is_neuron
+from ttfsc.runtime.lowerings import LOWERINGS
+from ttfsc.ttfs import DOMAIN, clip_levels
 
 
 def has_ttfs_ops(model: onnx.ModelProto) -> bool:
@@ -129,7 +132,7 @@ def qdq_levels(model: onnx.ModelProto) -> int:
         if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and scale:
             lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
             if lo is not None and hi is not None:
-                levels = min(levels, int(round((hi - lo) / scale)) + 1)
+                levels = min(levels, clip_levels(lo, hi, scale))
         widest = max(widest, levels)
     return widest
 
@@ -142,7 +145,7 @@ def is_full_twin(model: onnx.ModelProto) -> bool:
     round near-tie codes differently; both therefore run with Q/DQ fusions off, the reference
     `ttfsc verify` uses.
     """
-    if any(n.op_type == "TTFSNeuron" and n.domain == DOMAIN for n in model.graph.node):
+    if any(is_neuron(n) for n in model.graph.node):
         return True
     return any(p.key == "ttfsc.full" and p.value == "1" for p in model.metadata_props)
 

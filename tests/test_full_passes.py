@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from ttfsc.compiler.pipeline import run_passes, stages
-from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.dialect import DECODE, EMIT
 from ttfsc.runtime.session import open_session
 from ttfsc.ttfs import clip_bounds

@@ -15,7 +15,7 @@ from test_full_passes import EXPECTED, build, compile_full, neurons  # noqa: E40
 from ttfsc import simulator as sim  # noqa: E402
 from ttfsc.cli import main  # noqa: E402
 from ttfsc.compiler.inspect import inspect_neurons  # noqa: E402
-from ttfsc.runtime.neuron import NeuronSpec  # noqa: E402
+from ttfsc.neuron import NeuronSpec  # noqa: E402
 from ttfsc.ttfs import (UniformStage, output_kernels, realised_function, receive_table, theorem1_times,  # noqa: E402
                         theorem2_eta)
 

@@ -11,7 +11,7 @@ import onnx.helper as h
 import pytest
 
 from test_full_passes import Builder, _exp_gated, _out_stage, assert_bit_exact, compile_full, neurons
-from ttfsc.runtime.neuron import NeuronSpec
+from ttfsc.neuron import NeuronSpec
 from ttfsc.runtime.session import open_session
 
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from ttfsc.cli import main
 from ttfsc.analysis.report import (
     _generator, _keys, _run, count_network, find_stages, float_op_counts, neuron_probes)
-from ttfsc.runtime.neuron import NeuronSpec, is_neuron
+from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.ttfs import spike_count
 
 PLAIN = ["--rotate", "none", "--smooth", "0", "--method", "minmax", "--prefix", "none"]

@@ -19,7 +19,7 @@ from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 from graphs import qdq_fusions_disabled  # noqa: E402
 from ttfsc import simulator as sim
-from ttfsc.runtime.kernels import MS_DOMAIN
+from ttfsc.graph import MS_DOMAIN
 from ttfsc.dialect import EmitSpec, ReceiveSpec
 from ttfsc.runtime.session import default_options, lower_model, open_session
 from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, emit_table, quantizer_codes, time_dtype
