@@ -72,6 +72,16 @@ def attr_text(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+#: codes an ONNX QuantizeLinear can produce, by the element type of its zero point
+CODE_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127),
+               TensorProto.UINT16: (0, 65535), TensorProto.INT16: (-32768, 32767)}
+
+
+def code_range(elem_type: int) -> tuple[int, int]:
+    """(lowest, highest) code of a quantizer whose zero point has this ONNX type (uint8 if unknown)."""
+    return CODE_RANGES.get(elem_type, (0, 255))
+
+
 def time_elem_type(T: int) -> int:
     """ONNX element type of spike-time tensors of a T-slot window (``ttfs.time_dtype``)."""
     return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16

@@ -13,14 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ttfsc.dialect import EmitSpec
+from ttfsc.dialect import EmitSpec, code_range
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass, Rule
 from ttfsc.ttfs import UniformStage, bits_for_window, code_of_bound, requantize_params
-
-_CODE_RANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
-               onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
-
 
 class WindowMismatch(ValueError):
     """The QDQ model's activation width and -T disagree (and --requantize was not given)."""
@@ -92,8 +88,7 @@ class QuantDequantToEmit(Rule):
     @staticmethod
     def _code_range(g: GraphIndex, q, clip, scale: float, zp: int) -> tuple[int, int]:
         """Codes the QANN can produce: the zero point type's range, narrowed by a Clip."""
-        zp_type = g.inits.by_name[q.input[2]].data_type
-        qmin, qmax = _CODE_RANGE.get(zp_type, (0, 255))
+        qmin, qmax = code_range(g.inits.by_name[q.input[2]].data_type)
         if clip is not None:
             lo, hi = (float(g.const(n).reshape(())) for n in clip.input[1:3])
             qmin = max(qmin, code_of_bound(lo, scale, zp))

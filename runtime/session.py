@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ttfsc.dialect import code_range
 from ttfsc.graph import MS_DOMAIN
 from ttfsc.modelio import load_model, model_dir, serialize
 from ttfsc.neuron import is_neuron
@@ -126,8 +127,8 @@ def qdq_levels(model: onnx.ModelProto) -> int:
     for n in model.graph.node:
         if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[2] not in inits:
             continue
-        bits = 16 if inits[n.input[2]].data_type in (onnx.TensorProto.UINT16, onnx.TensorProto.INT16) else 8
-        levels = 1 << bits
+        lowest, highest = code_range(inits[n.input[2]].data_type)
+        levels = highest - lowest + 1
         clip, scale = producer.get(n.input[0]), scalar(n.input[1])
         if clip is not None and clip.op_type == "Clip" and len(clip.input) == 3 and scale:
             lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
