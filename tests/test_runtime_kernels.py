@@ -20,16 +20,14 @@ from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 from graphs import qdq_fusions_disabled  # noqa: E402
 from ttfsc import simulator as sim
 from ttfsc.graph import MS_DOMAIN
-from ttfsc.dialect import EmitSpec, ReceiveSpec
+from ttfsc.dialect import (CONT_DECODE, CONT_EMIT, NEURON, RATE_OPS, TTFS_OPS, EmitSpec, ReceiveSpec,
+                           time_elem_type)
+from ttfsc.runtime.lowerings import LOWERINGS
 from ttfsc.runtime.session import default_options, lower_model, open_session
 from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, emit_table, quantizer_codes, time_dtype
 
 TIES = ("half_even", "half_up")
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-
-
-def _time_type(T: int) -> int:
-    return TP.UINT8 if time_dtype(T) == np.uint8 else TP.UINT16
 
 
 def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
@@ -46,7 +44,7 @@ def _run(model, feeds, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
 def _emit_model(spec: EmitSpec, shape) -> onnx.ModelProto:
     return _model([spec.make_node("V", "t", "emit")],
                   [h.make_tensor_value_info("V", TP.FLOAT, list(shape))],
-                  [h.make_tensor_value_info("t", _time_type(spec.T), list(shape))])
+                  [h.make_tensor_value_info("t", time_elem_type(spec.T), list(shape))])
 
 
 # ------------------------------------------------------------------ TTFSEmit
@@ -119,7 +117,7 @@ def test_receive_general_equals_simulator(T_in, gain):
     t[0] = N_in                                                  # all silent
     t[1] = 0                                                     # all first slot
     m = _model([spec.make_node(["t", "W"], "V", "recv")],
-               [h.make_tensor_value_info("t", _time_type(T_in), [B, I])],
+               [h.make_tensor_value_info("t", time_elem_type(T_in), [B, I])],
                [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
                [nh.from_array(W.astype(np.float32), "W")])
     C = c_offset * W.sum(0) / N_in
@@ -132,7 +130,7 @@ def test_receive_general_equals_simulator(T_in, gain):
 def _fast_receive_model(spec: ReceiveSpec, W, sw, wz, B):
     I, O = W.shape
     return _model([spec.make_node(["t", "W", "sw", "wz"], "V", "recv")],
-                  [h.make_tensor_value_info("t", _time_type(spec.T_in), [B, I])],
+                  [h.make_tensor_value_info("t", time_elem_type(spec.T_in), [B, I])],
                   [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
                   [nh.from_array(W, "W"), nh.from_array(sw, "sw"), nh.from_array(wz, "wz")])
 
@@ -248,7 +246,7 @@ def test_decode_equals_decode_times(T):
     step, t_ref = float(np.float32(rng.uniform(0.001, 0.3))), int(rng.integers(0, T))
     e = EmitSpec(T, t_ref, step, (step,) * (T - 1), 0.0)
     m = _model([e.make_decode("t", "x", "dec")],
-               [h.make_tensor_value_info("t", _time_type(T), [5, 40])],
+               [h.make_tensor_value_info("t", time_elem_type(T), [5, 40])],
                [h.make_tensor_value_info("x", TP.FLOAT, [5, 40])])
     t = rng.integers(0, T, (5, 40))
     t[0, :2] = [0, T - 1]
@@ -314,6 +312,11 @@ def test_lower_model_leaves_no_ttfs_nodes_and_checks():
     outs = open_session(m).run(None, {"V": V})
     assert [o.shape for o in outs] == [(3, 4), (3, 4), (3, 8)]
 
+
+
+def test_every_dialect_op_has_one_lowering():
+    """The registry names each ai.ttfsc operator of the dialect once, the neuron's included."""
+    assert set(LOWERINGS) == set(TTFS_OPS) | set(RATE_OPS) | {CONT_EMIT, CONT_DECODE, NEURON}
 
 
 def test_full_twins_run_without_qdq_fusion() -> None:

@@ -13,9 +13,19 @@ from ttfsc import simulator as sim
 from ttfsc.ttfs import (
     UniformStage,
     bits_for_window,
+    code_of_bound,
     codes_to_times,
+    corollary1_theta,
+    decode_counts,
     decode_times,
+    distance_to_tie,
+    emit_ramp,
     emit_table,
+    range_zero_point,
+    rounding_top,
+    tie_blocked,
+    times_grid,
+    zero_point_of,
     quantizer_codes,
     receive_table,
     spike_count,
@@ -285,3 +295,37 @@ def test_spike_count_counts_only_t_below_N():
     assert spike_count(t, T) == 4
     assert spike_count(np.full((3, 4), T - 1), T) == 0
     assert spike_count(np.zeros((3, 4), np.uint8), T) == 12
+
+
+@pytest.mark.parametrize("T", [4, 64, 512])
+def test_stage_read_back_from_its_node_fields(T):
+    """A node stores (step, t_ref, T); from_timing gives back the QANN's zero point and every derived value."""
+    N = T - 1
+    for z in (0, 1, N // 2, N):
+        st = UniformStage(0.015625, z, T)                   # a power of two: b - step/2 is exact
+        back = UniformStage.from_timing(float(st.step), st.t_ref, T)
+        assert zero_point_of(T, st.t_ref) == z and back == st
+        assert st.theta == corollary1_theta(st.step, st.t_ref) == np.float32(float(st.b) - float(st.step) / 2)
+        assert rounding_top(st.b, st.step) == np.float64(st.b) - np.float64(st.step) / 2
+        scale, zp = times_grid(st.step, st.t_ref)           # spike times are codes of (-step, t_ref)
+        assert scale == -st.step and zp == st.t_ref
+    blocked = tie_blocked(5, 8)
+    np.testing.assert_array_equal(blocked, [True, False, True, False, True, False, True, False])
+
+
+def test_clip_bounds_codes_and_zero_point_of_a_range():
+    """The codes of the Clip bounds a quantizer writes are 0 and N; a range's zero point is the code of 0."""
+    N, scale, z = 63, np.float32(0.02), 20
+    st = UniformStage(scale, z, N + 1)
+    assert code_of_bound(st.a, scale, z) == 0 and code_of_bound(st.b, scale, z) == N
+    assert range_zero_point(float(st.a), scale, N) == z
+    assert range_zero_point(0.5, scale, N) == 0 and range_zero_point(-100.0, scale, N) == N   # clipped to 0..N
+    np.testing.assert_array_equal(decode_counts(np.array([0, z, N], np.uint8), float(scale), z),
+                                  np.array([-z, 0, N - z], np.float32) * scale)
+
+
+def test_emit_ramp_extends_emit_table_and_tie_distance():
+    psi = np.array([0.5, 0.25, 0.125, 1.0])
+    np.testing.assert_array_equal(emit_ramp(psi), [0.0, 0.5, 0.75, 0.875, 1.875])
+    np.testing.assert_array_equal(emit_table(psi, 4), emit_ramp(psi)[:4])
+    np.testing.assert_allclose(distance_to_tie(np.array([0.5, 1.0, 0.75]), 1.0), [0.0, 0.5, 0.25])
