@@ -26,7 +26,8 @@ Counting rules (per run; the report divides by the run's tokens):
   silent operand still contributes its offset times the weight), plus ``muls`` per neuron.
   Its receive phase updates every neuron once per step of each input window. A fan-in left
   open at compile time (-1: a dynamic axis of the export) is read from the run's shapes
-  (``neuron_fan_in``).
+  (``neuron_fan_in``, in compiler/coverage.py with ``neuron_ops``: the compile report's
+  coverage counts synapses by the same rule).
 * **Multiply-accumulates (MAC).** Every float operation the graph still runs on activations
   (``FLOAT_OP_COST``: products of two activations such as attention's QK^T and PV, SiLU, the
   RMSNorm chain, softmax, rotary, residual adds), counted from the run's shapes. A MatMul of
@@ -50,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ttfsc.compiler.coverage import neuron_fan_in, neuron_ops
 from ttfsc.ttfs import rate_spike_count, spike_count
 
 # Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm): 32-bit float add 0.9 pJ, mult 3.7 pJ
@@ -121,33 +123,6 @@ def neuron_updates(neurons: int, steps: int) -> int:
 def dense_macs(rows: int, K: int, O: int) -> int:
     """The QANN's MatMul on the same rows: every activation times every weight."""
     return int(rows) * int(K) * int(O)
-
-
-def neuron_fan_in(spec, in_shapes: Sequence[tuple[int, ...] | None], keys: int) -> int:
-    """Synapses per output neuron of a TTFSNeuron, with a fan-in left open at compile time resolved.
-
-    ``in_shapes``: the run's shapes of the node's inputs (spike inputs first, then side inputs
-    and constants); ``keys``: the attention's key count on that run. Passes write -1 when the
-    summed axis is dynamic in the export: a wired linear (o_proj) sums over its weight's rows,
-    a product (P.V) over the keys, the others (mean square, log-sum-exp) over their input's
-    last axis.
-    """
-    if spec.fan_in > 0:
-        return int(spec.fan_in)
-    if spec.target == "matmul_weights":
-        w = next((s for s in in_shapes[spec.n_spike:] if s is not None and len(s) == 2), None)
-        if w is not None:
-            return int(w[0])
-    first = in_shapes[0] if in_shapes else None
-    if spec.kind == "product" or not first:
-        return int(keys)
-    return int(first[-1])
-
-
-def neuron_ops(spec, out_size: int, fan_in: int) -> tuple[float, float]:
-    """(accumulations, multiplications) of all ``out_size`` neurons of a TTFSNeuron, every synapse counted."""
-    adds, muls = spec.ops(fan_in)
-    return float(out_size) * adds, float(out_size) * muls
 
 
 def neuron_synaptic(spec, out_size: int, fan_in: int, inputs: Sequence[tuple[int, int]]) -> tuple[float, float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from ttfsc.analysis import tasks
+from ttfsc.analysis.scoring import progress_bar, read_jsonl, token_logprobs
 from ttfsc.errors import TtfscError
 
 HELP = "perplexity and zero-shot accuracy of a float, QDQ or spiking ONNX model"
 DEFAULT_SEQLEN = 2048
 BOS_CHOICES = ("auto", "yes", "no")
-_LOGSOFTMAX_ROWS = 256  # rows per float64 log-softmax chunk: bounds memory for 49k-word vocabularies
 
 
 @dataclass
@@ -100,9 +100,8 @@ def read_corpus(path: str | Path, name: str = "") -> str:
 
 
 def _jsonl_texts(path: Path) -> list[str]:
-    """The "text" field of every line of a C4-style jsonl file (tasks.py's checked jsonl reader)."""
-    from ttfsc.analysis.tasks import _jsonl  # tasks imports this module at top level
-    return [row["text"] for _, row in _jsonl(path, {"text": str}, '{"text": "..."}')]
+    """The "text" field of every line of a C4-style jsonl file (the checked jsonl reader of scoring.py)."""
+    return [row["text"] for _, row in read_jsonl(path, {"text": str}, '{"text": "..."}')]
 
 
 def select_windows(total: int, windows: int | None, seed: int = 0, first: bool = False) -> list[int]:
@@ -119,17 +118,6 @@ def select_windows(total: int, windows: int | None, seed: int = 0, first: bool =
         return list(range(windows))
     rng = np.random.default_rng(seed)
     return sorted(int(i) for i in rng.choice(total, size=windows, replace=False))
-
-
-def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(logits)[row, target] per row, in float64, a few rows at a time."""
-    out = np.empty(len(targets), dtype=np.float64)
-    for s in range(0, len(targets), _LOGSOFTMAX_ROWS):
-        rows = logits[s:s + _LOGSOFTMAX_ROWS].astype(np.float64)
-        top = rows.max(-1, keepdims=True)
-        logz = np.log(np.exp(rows - top).sum(-1)) + top[:, 0]
-        out[s:s + len(rows)] = rows[np.arange(len(rows)), targets[s:s + _LOGSOFTMAX_ROWS]] - logz
-    return out
 
 
 def window_nll(model: Model, chunks: np.ndarray) -> float:
@@ -185,14 +173,6 @@ def perplexity(model_path: str, text_path: str, seqlen: int | None = None, windo
     return corpus_perplexity(model, read_corpus(text_path), seqlen, windows, seed, first, label=str(text_path))
 
 
-def progress_bar(it: Any, enabled: bool, desc: str) -> Any:
-    """A tqdm bar on stderr when asked and stderr is a terminal; the bare iterable otherwise."""
-    if not enabled:
-        return it
-    from tqdm import tqdm
-    return tqdm(it, desc=desc, file=sys.stderr, disable=None, leave=False)
-
-
 # ---------------------------------------------------------------- command line
 
 def _spec(text: str) -> tuple[str, str]:
@@ -227,8 +207,7 @@ def cli(args: argparse.Namespace) -> int:
         raise TtfscError("nothing to evaluate: give --ppl NAME=PATH and/or --tasks NAME=PATH.")
     if args.limit is not None and args.limit < 1:
         raise TtfscError(f"--limit {args.limit}: give a positive number of items.")
-    from ttfsc.analysis import tasks as T
-    specs = [(name, T.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
+    specs = [(name, tasks.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
     model = open_model(args.model, args.bos, args.threads)
     result: dict[str, Any] = {"model": str(args.model), "bos": model.bos, "ppl": {}, "tasks": {}}
@@ -236,8 +215,8 @@ def cli(args: argparse.Namespace) -> int:
         result["ppl"][name] = corpus_perplexity(model, text, args.seqlen, args.windows, args.seed, args.first,
                                                 progress=True, label=name)
     for name, (kind, path) in specs:
-        items = T.load_task(kind, path, args.limit)
-        result["tasks"][name] = T.evaluate_items(T.Scorer(model.gen, model.tok, model.bos), items, kind,
+        items = tasks.load_task(kind, path, args.limit)
+        result["tasks"][name] = tasks.evaluate_items(tasks.Scorer(model.gen, model.tok, model.bos), items, kind,
                                                  progress=True, desc=name)
     print(render_markdown(result))
     if args.json:

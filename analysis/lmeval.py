@@ -22,7 +22,8 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ttfsc.analysis.evaluate import open_model, progress_bar
+from ttfsc.analysis.evaluate import open_model
+from ttfsc.analysis.scoring import progress_bar
 from ttfsc.analysis.tasks import Scorer
 
 NAME = "ttfsc"

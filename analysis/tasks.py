@@ -21,18 +21,17 @@ rest of every request runs as one batch on that (replicated) KV cache.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ttfsc.errors import TtfscError
-from ttfsc.analysis.evaluate import progress_bar, token_logprobs
+from ttfsc.analysis.scoring import progress_bar, read_jsonl, token_logprobs
 
 TASK_NAMES = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada")
 
@@ -60,24 +59,6 @@ def _choice_item(context: str, choices: Sequence[str], gold: int) -> Item:
                 tuple(len(c.encode("utf-8")) for c in choices))
 
 
-def _jsonl(path: Path, fields: dict[str, type], example: str) -> Iterable[tuple[int, dict]]:
-    """(line number, row) of a jsonl file whose rows must hold ``fields`` of the given types."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TtfscError(f"{path}:{lineno}: not valid JSON ({exc}); each line must be one object "
-                                 f"such as {example}.") from None
-            for key, kind in fields.items():
-                if not isinstance(row, dict) or not isinstance(row.get(key), kind):
-                    raise TtfscError(f"{path}:{lineno}: field {key!r} is missing or not a {kind.__name__}; "
-                                     f"each line must look like {example}.")
-            yield lineno, row
-
-
 def _gold(path: Path, lineno: int, value: Any, n: int) -> int:
     try:
         gold = int(str(value).strip())
@@ -99,7 +80,7 @@ def load_piqa(path: Path) -> list[Item]:
                          f"beside {path.name}.")
     labels = [line for line in labels_path.read_text().splitlines() if line.strip()]
     ex = '{"goal": "...", "sol1": "...", "sol2": "..."}'
-    rows = list(_jsonl(path, {"goal": str, "sol1": str, "sol2": str}, ex))
+    rows = list(read_jsonl(path, {"goal": str, "sol1": str, "sol2": str}, ex))
     if len(labels) != len(rows):
         raise TtfscError(f"{labels_path}: {len(labels)} answers for {len(rows)} questions in {path}; "
                          "the two files must have one line per item each.")
@@ -134,7 +115,7 @@ def load_arc(path: Path) -> list[Item]:
     """{"query": "Question: ...", "choices": [...], "gold": i}; lm-eval's prompt ends in "\\nAnswer:"."""
     items = []
     ex = '{"query": "Question: ...", "choices": ["...", "..."], "gold": 0}'
-    for lineno, r in _jsonl(path, {"query": str, "choices": list, "gold": int}, ex):
+    for lineno, r in read_jsonl(path, {"query": str, "choices": list, "gold": int}, ex):
         query = r["query"].rstrip()
         if not query.startswith("Question:"):
             query = "Question: " + query
@@ -150,7 +131,7 @@ def load_winogrande(path: Path) -> list[Item]:
     """
     items = []
     ex = '{"context_options": ["... Sarah", "... Maria"], "continuation": "always ...", "gold": 0}'
-    for lineno, r in _jsonl(path, {"context_options": list, "continuation": str, "gold": int}, ex):
+    for lineno, r in read_jsonl(path, {"context_options": list, "continuation": str, "gold": int}, ex):
         cont = " " + r["continuation"].strip()
         reqs = tuple(Request(str(c), cont) for c in r["context_options"])
         items.append(Item(reqs, _gold(path, lineno, r["gold"], len(reqs)), tuple(len(cont.strip().encode()) for _ in reqs)))
@@ -160,7 +141,7 @@ def load_winogrande(path: Path) -> list[Item]:
 def load_lambada(path: Path) -> list[Item]:
     """{"context", "continuation"}: one request; a space joins them unless one side has it."""
     items = []
-    for _, r in _jsonl(path, {"context": str, "continuation": str}, '{"context": "...", "continuation": "word"}'):
+    for _, r in read_jsonl(path, {"context": str, "continuation": str}, '{"context": "...", "continuation": "word"}'):
         ctx, cont = r["context"], r["continuation"]
         if not ctx.endswith((" ", "\n")) and not cont.startswith((" ", "\n")):
             cont = " " + cont

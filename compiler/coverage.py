@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ttfsc.dialect import stage_steps
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex
+from ttfsc.neuron import NeuronSpec, is_neuron
+from ttfsc.passes.neuron_groups import spike_dependent
+from ttfsc.runtime.generate import Generator
+from ttfsc.runtime.session import open_session
 from ttfsc.ttfs import DOMAIN
 
 BLOCK = re.compile(r"layers\.(\d+)")
@@ -43,8 +50,6 @@ def block_of(node: onnx.NodeProto) -> int | None:
 
 def coverage(model: onnx.ModelProto, model_dir: str | None = None, context: int = 16) -> dict:
     """Counts by class and operations per token by class, over the decoder blocks."""
-    from ttfsc.graph import GraphIndex
-    from ttfsc.passes.neuron_groups import spike_dependent
     dep = spike_dependent(GraphIndex(model))
     blocks = [n for n in model.graph.node if block_of(n) is not None]
     classes = {id(n): _class(n, dep) for n in blocks}
@@ -72,7 +77,6 @@ def coverage(model: onnx.ModelProto, model_dir: str | None = None, context: int 
 
 def stages_per_block(model: onnx.ModelProto) -> dict:
     """Emissions (stages) and their time steps in each decoder block."""
-    from ttfsc.dialect import stage_steps
     out: dict = {}
     for n in model.graph.node:
         steps, b = stage_steps(n), block_of(n)
@@ -83,24 +87,51 @@ def stages_per_block(model: onnx.ModelProto) -> dict:
     return out
 
 
+def neuron_fan_in(spec: NeuronSpec, in_shapes: Sequence[tuple[int, ...] | None], keys: int) -> int:
+    """Synapses per output neuron of a TTFSNeuron, with a fan-in left open at compile time resolved.
+
+    Here, below the analysis tools, because both this coverage and the energy report
+    (analysis/energy.py) count a neuron's synapses by this one rule.
+
+    ``in_shapes``: the run's shapes of the node's inputs (spike inputs first, then side inputs
+    and constants); ``keys``: the attention's key count on that run. Passes write -1 when the
+    summed axis is dynamic in the export: a wired linear (o_proj) sums over its weight's rows,
+    a product (P.V) over the keys, the others (mean square, log-sum-exp) over their input's
+    last axis.
+    """
+    if spec.fan_in > 0:
+        return int(spec.fan_in)
+    if spec.target == "matmul_weights":
+        w = next((s for s in in_shapes[spec.n_spike:] if s is not None and len(s) == 2), None)
+        if w is not None:
+            return int(w[0])
+    first = in_shapes[0] if in_shapes else None
+    if spec.kind == "product" or not first:
+        return int(keys)
+    return int(first[-1])
+
+
+def neuron_ops(spec: NeuronSpec, out_size: int, fan_in: int) -> tuple[float, float]:
+    """(accumulations, multiplications) of all ``out_size`` neurons of a TTFSNeuron, every synapse counted."""
+    adds, muls = spec.ops(fan_in)
+    return float(out_size) * adds, float(out_size) * muls
+
+
 def _class(n: onnx.NodeProto, dep: set[str]) -> str:
-    from ttfsc.passes.neuron_groups import PLUMBING
     if n.domain == DOMAIN:
         return "ttfs"
     if n.op_type not in ("Shape", "Size") and any(i in dep for i in n.input):
-        return "wiring" if n.op_type in PLUMBING else "standard_on_activations"
+        return "wiring" if n.op_type in DATA_MOVEMENT else "standard_on_activations"
     return "standard_control"
 
 
 def _ops(n: onnx.NodeProto, shapes: dict, keys: int, model: onnx.ModelProto) -> Counter:
     """Operations of one node over the probe (adds / muls / other)."""
-    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
     out = shapes.get(n.output[0])
     if out is None:
         return Counter()
     size = float(np.prod(out)) if len(out) else 1.0
     if is_neuron(n):
-        from ttfsc.analysis.energy import neuron_fan_in, neuron_ops
         spec = NeuronSpec.from_node(n)
         adds, muls = neuron_ops(spec, size, neuron_fan_in(spec, [shapes.get(i) for i in n.input], keys))
         return Counter(adds=adds, muls=muls)
@@ -123,7 +154,6 @@ def _ops(n: onnx.NodeProto, shapes: dict, keys: int, model: onnx.ModelProto) -> 
 
 def _probe_shapes(model: onnx.ModelProto, nodes: list, model_dir: str | None, context: int):
     """Run the lowered model once; return tensor shapes, key count and token count of the probe."""
-    from ttfsc.runtime.session import open_session
     names = {x for n in nodes for x in list(n.output) + list(n.input) if x}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -144,7 +174,6 @@ def _probe_shapes(model: onnx.ModelProto, nodes: list, model_dir: str | None, co
 def _feeds(sess, model_dir: str | None, context: int) -> tuple[dict, int, int]:
     """An LLM's feeds for ``context`` tokens (after its prefix), or ones for a static-shape graph."""
     if "input_ids" in {i.name for i in sess.get_inputs()}:
-        from ttfsc.runtime.generate import Generator
         gen = Generator(sess, model_dir)
         ids = np.arange(context, dtype=np.int64)[None, :] % 3 + 3
         feeds = gen.feeds(ids, None)
