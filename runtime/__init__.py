@@ -1,4 +1,7 @@
-"""Runtime: TTFS op schemas, their kernels (lowerings to onnxruntime's own ops) and sessions.
+"""Runtime: the kernels of the ai.ttfsc ops (lowerings to onnxruntime's own ops), sessions, generation.
+
+The ops themselves (schemas, specs, the TTFSNeuron's description) are the ground floor's
+``ttfsc.dialect`` and ``ttfsc.neuron``; the runtime imports only the ground floor.
 
 The one documented call: ``ttfsc.runtime.open_session(path)``.
 """
