@@ -2,7 +2,7 @@
 
 The paper's Table 3 (accuracy of QC-A2S against the window T) plus its claim in one run: for
 each T in ``-T`` and each weight width in ``--wbits`` it quantizes the float model with
-A = log2(T) activation bits (ttfsc.quantizer.quantize, default method), compiles the QANN into
+A = log2(T) activation bits (ttfsc.quantizer, default options), compiles the QANN into
 the spiking model (QC-A2S, ``ttfsc compile``) and measures the perplexity of *both*; they must
 agree, since the SNN is bit-exact to its QANN. For each T it also compiles the TTFSFormer-style
 baseline (``ttfsc compile --neuron continuous``: float weights, min/max ranges, floor neurons) and
@@ -136,12 +136,14 @@ class Runner:
         return row
 
     def qann(self, T: int, wbits: int) -> Path:
+        from ttfsc.quantizer.config import QuantConfig
         from ttfsc.quantizer.quantize import quantize_model
         from ttfsc.ttfs import bits_for_window
         path = self.work / f"W{wbits}_T{T}" / "model.qdq.onnx"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            quantize_model(self.sweep.model, path, wbits=wbits, abits=bits_for_window(T), log=_quiet, **self.calib)
+            config = QuantConfig(wbits=wbits, abits=bits_for_window(T), **self.calib)
+            quantize_model(self.sweep.model, path, config, log=_quiet)
         return path
 
     def snn(self, qann: Path, T: int) -> Path:

@@ -12,7 +12,7 @@ integer kernels (which can saturate at 8-bit activations on CPUs without VNNI).
 A variant is NAME[:OPTIONS]: NAME fp32 scores the float model, hybrid quantizes without --full,
 full with it. OPTIONS are comma-separated KIND=LEVELS (--window) or abits=, method=, calib=,
 smooth=, rotate=, prefix=, calib_samples=,
-calib_seqlen=, and fullmethod=minmax|mse, tails=0|1 (quantize_full.FULL_METHOD / SOFTMAX_TAILS). Prints one markdown row per variant.
+calib_seqlen=, and fullmethod=minmax|mse, tails=0|1 (ttfsc.quantizer.full.FULL_METHOD / SOFTMAX_TAILS). Prints one markdown row per variant.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def open_exact(path: Path, bos: str = "auto") -> Model:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``full:softmax=256,abits=8`` -> ("full", {"full": True, "windows": ["softmax=256"], "abits": 8})."""
+    """``full:softmax=256,abits=8`` -> ("full", {"full": True, "window": ["softmax=256"], "abits": 8})."""
     name, _, opts = spec.partition(":")
-    kw: dict = {"full": name.startswith("full"), "windows": []}
+    kw: dict = {"full": name.startswith("full"), "window": []}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key in ("abits", "calib_samples", "calib_seqlen"):
@@ -52,7 +52,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         elif key == "smooth":
             kw[key] = float(value)
         else:
-            kw["windows"].append(item)
+            kw["window"].append(item)
     return name, kw
 
 
@@ -67,8 +67,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True)
     args = ap.parse_args()
     from ttfsc.quantizer import full
+    from ttfsc.quantizer.config import QuantConfig
     from ttfsc.quantizer.quantize import quantize_model
-    default_full_method, default_tails = quantize_full.FULL_METHOD, quantize_full.SOFTMAX_TAILS
+    default_full_method, default_tails = full.FULL_METHOD, full.SOFTMAX_TAILS
     text = read_corpus(args.data)
     for spec in args.variant:
         name, kw = parse_variant(spec)
@@ -79,9 +80,9 @@ def main() -> None:
             path = Path(args.work) / spec.replace("/", "_").replace(",", "+").replace(":", "_") / "model.onnx"
             if not path.exists():
                 kw.setdefault("calib", args.calib)
-                quantize_full.FULL_METHOD = kw.pop("fullmethod", default_full_method)
-                quantize_full.SOFTMAX_TAILS = kw.pop("tails", "1" if default_tails else "0") == "1"
-                quantize_model(args.fp, path, log=lambda *_: None, **kw)
+                full.FULL_METHOD = kw.pop("fullmethod", default_full_method)
+                full.SOFTMAX_TAILS = kw.pop("tails", "1" if default_tails else "0") == "1"
+                quantize_model(args.fp, path, QuantConfig(**kw), log=lambda *_: None)
         tq = time.perf_counter() - t0
         r = corpus_perplexity(open_exact(path), text, args.seqlen, args.windows, first=True)
         print(f"| {spec} | {r['ppl']:.4f} | {r['tokens']} | {tq:.0f} s | {r['seconds']:.0f} s |", flush=True)

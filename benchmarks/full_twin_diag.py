@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_twin import open_exact  # noqa: E402
 
 from ttfsc.analysis.evaluate import corpus_perplexity, read_corpus  # noqa: E402
-from ttfsc.quantizer.quantize import activation_params  # noqa: E402
-from ttfsc.quantizer.full import GROUPS_META, Graph  # noqa: E402
+from ttfsc.graph import GraphIndex  # noqa: E402
+from ttfsc.quantizer.full import GROUPS_META  # noqa: E402
+from ttfsc.quantizer.ranges import activation_params  # noqa: E402
 
 
 def width_class(q: str, kind: str) -> str:
@@ -36,7 +37,7 @@ def width_class(q: str, kind: str) -> str:
 
 def bypass(m: onnx.ModelProto, kinds: dict[str, str], spec: str) -> None:
     drop = set(spec.split("+")) - {"none"}
-    g, by_name = Graph(m), {n.name: n for n in m.graph.node}
+    g, by_name = GraphIndex.live(m), {n.name: n for n in m.graph.node}
     for q, k in kinds.items():
         if k in drop and k != "kv":
             qn = by_name[q]
@@ -48,7 +49,7 @@ def bypass(m: onnx.ModelProto, kinds: dict[str, str], spec: str) -> None:
 
 def rewidth(m: onnx.ModelProto, kinds: dict[str, str], spec: str) -> None:
     want = {k: int(v).bit_length() - 1 for k, v in (x.split("=") for x in spec.split("+"))}
-    g, by_name = Graph(m), {n.name: n for n in m.graph.node}
+    g, by_name = GraphIndex.live(m), {n.name: n for n in m.graph.node}
     inits = {t.name: t for t in m.graph.initializer}
     for q, k in kinds.items():
         klass = width_class(q, k)

@@ -13,37 +13,10 @@ import sys
 from ttfsc.errors import TtfscError
 
 
-def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None) -> None:
-    from ttfsc.quantizer.gptq import WEIGHT_METHODS
-    from ttfsc.quantizer.quantize import DEFAULT_ROTATE, DEFAULT_SMOOTH, LOW_BIT_SMOOTH  # defaults live with their measurements
-    p.add_argument("--wbits", type=int, default=8, choices=(4, 8), help="weight width (per output channel, symmetric)")
-    p.add_argument("--weight-method", choices=WEIGHT_METHODS, default=None,
-                   help="weight rounding onto the per-channel grid: rtn (nearest) or gptq (error-compensating, "
-                        "quantizer/gptq.py); default per width: quantize.DEFAULT_WEIGHT_METHOD")
-    if abits_default is not None:
-        p.add_argument("--abits", type=int, default=abits_default, help="activation width, 2..12 (per tensor, asymmetric)")
-    p.add_argument("--method", default="search", choices=("minmax", "percentile", "search"),
-                   help="activation range calibration (search: clipping of least layer-output MSE)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
-    p.add_argument("--prefix", default="auto",
-                   help="fixed prefix whose float KV cache is kept (PrefixQuant): auto (outlier tokens found in "
-                        "calibration, if any), none, bos, or token ids such as 1,198")
-    p.add_argument("--rotate", default=DEFAULT_ROTATE, choices=("auto", "none", "hadamard", "random"),
-                   help="rotate the residual stream before calibrating (QuaRot-style, function-preserving); "
-                        "auto: hadamard (and --smooth) for a recognised LLaMA decoder, nothing for other graphs")
-    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / factors")
-    p.add_argument("--online-hadamard", default="auto", choices=("auto", "on", "off"),
-                   help="a float Hadamard (factored, ~n*(sqrt(n)+m) multiplies) before every down_proj input, "
-                        "which the residual rotation cannot reach; auto: with --rotate hadamard, not with --full")
-    p.add_argument("--abits-for", action="append", metavar="PATTERN=BITS",
-                   help="another activation width for tensors whose name contains PATTERN (repeatable); "
-                        "compile such a model with -T auto to keep each stage's window")
-    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                   help=f"SmoothQuant migration strength for norm outputs and down_proj inputs, 0 = off "
-                        f"(default {DEFAULT_SMOOTH:g}, {LOW_BIT_SMOOTH:g} at 4 activation bits or fewer)")
-    p.add_argument("--calib", help="plain-text calibration file (default: text the model generates itself)")
-    p.add_argument("--calib-samples", type=int, default=8, help="number of calibration sequences")
-    p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration sequence")
+def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None, full: bool = False) -> None:
+    """The quantization options, generated from QuantConfig's fields (ttfsc.quantizer.config.add_arguments)."""
+    from ttfsc.quantizer.config import add_arguments
+    add_arguments(p, abits_default, full=full)
 
 
 def _window(text: str) -> int | str:
@@ -68,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="static post-training quantization to a QDQ model (the QANN)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    _add_quant_options(p, abits_default=6)
-    p.add_argument("--full", action="store_true", help="also quantize every nonlinearity, product of activations "
-                   "and the residual stream: the twin of a fully spiking graph (quantizer/full.py)")
-    p.add_argument("--window", action="append", metavar="KIND=LEVELS",
-                   help="--full: levels of one stage kind (repeatable), e.g. softmax=256, residual=256; kinds: "
-                        "residual rmsnorm_ms rsqrt product linear_out rotary silu scores (QK^T) lse sub exp; aliases "
-                        "softmax (scores lse sub exp), rmsnorm (rmsnorm_ms rsqrt)")
+    _add_quant_options(p, abits_default=6, full=True)
 
     p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
     p.add_argument("model")

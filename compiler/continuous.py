@@ -26,7 +26,8 @@ from ttfsc.dialect import ContinuousEmitSpec, emit_spec
 from ttfsc.errors import TtfscError
 from ttfsc.modelio import load_model
 from ttfsc.passes.registry import PassOptions
-from ttfsc.quantizer import quantize
+from ttfsc.quantizer.qdq import activation_names, find_linears
+from ttfsc.quantizer.ranges import calibrate_model
 from ttfsc.runtime.generate import PREFIX_META
 from ttfsc.ttfs import continuous_window
 
@@ -51,13 +52,13 @@ def float_ranges(model_path: str, calib: Any = None, samples: int = 8, seqlen: i
     but method minmax and no prefix: the ranges a continuous conversion of the float model sees.
     """
     model = load_model(model_path)
-    linears = quantize.find_linears(model)
+    linears = find_linears(model)
     if not linears:
         raise TtfscError(f"{model_path}: no MatMul with a float32 initializer weight; --neuron continuous "
                          "needs the float model (as exported by `ttfsc export`), not a QDQ one.")
-    acts = quantize._activation_names(model, linears)
-    cal = quantize._calibrate_model(model, model_path, linears, acts, calib, "minmax", 100.0, lambda _n: 8,
-                                    "none", samples, seqlen, log)
+    acts = activation_names(model, linears)
+    cal = calibrate_model(model, model_path, linears, acts, calib, "minmax", 100.0, lambda _n: 8,
+                          "none", samples, seqlen, log)
     return cal.ranges
 
 

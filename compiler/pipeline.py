@@ -30,6 +30,7 @@ from ttfsc.graph import drop_metadata, set_metadata
 from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
 from ttfsc.passes.qdq_to_emit import WindowMismatch
 from ttfsc.passes.registry import PassOptions, run_pipeline
+from ttfsc.quantizer.config import QuantConfig, compile_options
 from ttfsc.ttfs import CODINGS, NEURONS, bits_for_window
 
 
@@ -270,15 +271,15 @@ def qann_path_for(out_path: str) -> str:
 def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> tuple[onnx.ModelProto, dict]:
     from ttfsc.quantizer.quantize import quantize_model
 
+    config = QuantConfig(**{**opts, "abits": bits})
     log(f"ttfsc: {model_path} has no activation QuantizeLinear/DequantizeLinear: quantizing it first "
-        f"with A{bits} (= log2 T) activations and W{opts.get('wbits', 8)} weights; the QANN is kept at {qpath}.")
-    summary = quantize_model(model_path, qpath, abits=bits, log=log, **opts)
+        f"with A{bits} (= log2 T) activations and W{config.wbits} weights; the QANN is kept at {qpath}.")
+    summary = quantize_model(model_path, qpath, config, log=log)
     return load_model(qpath), summary
 
 
-# quantize's options that compile forwards when it has to quantize a float model first
-QUANT_OPTIONS = ("wbits", "method", "percentile", "calib", "calib_samples", "calib_seqlen", "prefix",
-                 "rotate", "rotate_seed", "smooth", "abits_for", "online_hadamard", "weight_method")
+# quantize's options that compile forwards when it has to quantize a float model first (QuantConfig's fields)
+QUANT_OPTIONS = compile_options()
 
 
 def compile_cli(args) -> int:

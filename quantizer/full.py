@@ -1,6 +1,6 @@
 """``ttfsc quantize --full``: the fully quantized twin (QANN) that a fully spiking graph must equal.
 
-The hybrid QANN (quantizer/quantize.py) quantizes only what linear layers read. A fully spiking
+The hybrid QANN (quantizer/qdq.py) quantizes only what linear layers read. A fully spiking
 network also has to carry every other activation as spike times, so its exact twin must quantize
 every tensor that crosses a stage boundary. This module rewrites the (rotated, smoothed) float
 decoder into a standard QDQ model in which each decoder compute op sits in a *stage group*:
@@ -77,12 +77,16 @@ from onnx import helper, numpy_helper
 
 from ttfsc import modelio
 from ttfsc.errors import TtfscError
-from ttfsc.ttfs import MAX_BITS, MIN_BITS, window_for_bits
+from ttfsc.graph import GraphIndex, extra_outputs
+from ttfsc.quantizer.calibration import Log, make_observer, session
+from ttfsc.quantizer.config import FULL_KINDS as KINDS, WIDTHS, QuantConfig
+from ttfsc.quantizer.prefix import calibration_feeds, save_prefix
+from ttfsc.quantizer.qdq import (Names, activation_chain, activation_names, drop_unused_initializers, find_linears,
+                                 quantize_weights, replace_metadata, use_contrib_domain)
+from ttfsc.quantizer.ranges import SEARCH_RATIOS, ActParams, activation_params, fake_quant, searched_ranges
+from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, format_ids
+from ttfsc.ttfs import MAX_BITS, window_for_bits
 
-KINDS = ("residual", "rmsnorm_ms", "rsqrt", "product", "linear_out", "rotary", "silu", "lse", "sub", "exp", "kv")
-# width classes: the kinds, except that QK^T scores (kind "product") are sized with the softmax
-WIDTHS = tuple(k for k in KINDS if k != "kv") + ("scores",)
-WINDOW_ALIASES = {"softmax": ("scores", "lse", "sub", "exp"), "rmsnorm": ("rmsnorm_ms", "rsqrt")}
 # extra bits over --abits per width class (benchmarks/full_twin.md). stories260K W8A6 leave-one-out
 # from all-256: linear_out +0.72 PPL at 64 levels, rotary +0.55, residual +0.08, softmax +0.04,
 # silu +0.04. SmolLM2 (1 window): RMSNorm at 4096 instead of 64 levels 54.8 -> 36.9 PPL (mean
@@ -94,28 +98,8 @@ FULL_METHOD = "minmax"  # ranges of stage results no linear reads (benchmarks/fu
 MSE_VALUES = 1 << 15  # values per tensor kept (over all calibration sequences) for the "mse" search
 SOFTMAX_TAILS = True  # clip score / difference ranges below what survives exp (clip_softmax_tails)
 TAIL_POSITIONS = 8192  # longest row the score clipping is sized for (SmolLM2's context)
-PLUMBING = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Slice", "Concat", "Cast", "Identity",
-            "Flatten", "Gather")
 GROUPS_META, KV_META, WINDOWS_META = "ttfsc.full.groups", "ttfsc.full.kv", "ttfsc.full.windows"
 FULL_META = "ttfsc.full"
-
-
-# ---------------------------------------------------------------- options
-
-def parse_windows(specs: Sequence[str] | None) -> dict[str, int]:
-    """``["softmax=256", "residual=256"]`` -> {kind: bits} (aliases expanded); one clear error otherwise."""
-    out: dict[str, int] = {}
-    valid = list(WIDTHS) + list(WINDOW_ALIASES)
-    for spec in specs or ():
-        kind, sep, levels = spec.partition("=")
-        kinds = WINDOW_ALIASES.get(kind, (kind,) if kind in valid else ())
-        n = int(levels) if levels.isdigit() else 0
-        bits = n.bit_length() - 1
-        if not sep or not kinds or n & (n - 1) or not MIN_BITS <= bits <= MAX_BITS:
-            raise TtfscError(f"--window {spec!r}: expected KIND=LEVELS with KIND one of {', '.join(valid)} and LEVELS "
-                             f"a power of two in {1 << MIN_BITS}..{1 << MAX_BITS}, e.g. --window softmax=256.")
-        out.update({k: bits for k in kinds})
-    return out
 
 
 def kind_bits(kind: str, abits: int, windows: dict[str, int]) -> int:
@@ -125,60 +109,21 @@ def kind_bits(kind: str, abits: int, windows: dict[str, int]) -> int:
     return min(MAX_BITS, abits + DEFAULT_EXTRA_BITS.get(kind, 0))
 
 
-# ---------------------------------------------------------------- graph maps
+# ---------------------------------------------------------------- the activation set
 
-class Graph:
-    """Producer/consumer maps and the activation set (what flows from the embedding or the past)."""
+def activations(g: GraphIndex) -> set[str]:
+    """Tensors computed from token embeddings or the past KV (Shape outputs are integers, not activations).
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.inits = {t.name for t in model.graph.initializer}
-        self.outputs = {o.name for o in model.graph.output}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in model.graph.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                self.consumers[i].append(node)
-        self.active = self._activations()
+    The embedding is a table Gather by input_ids; a table Gather by position ids is a constant.
+    """
+    seeds = {i.name for i in g.graph.input if i.name.startswith("past_key_values.")}
+    seeds.update(n.output[0] for n in g.nodes
+                 if n.op_type == "Gather" and n.input[0] in g.inits and n.input[1:] == ["input_ids"])
+    return g.reachable(seeds)
 
-    def _activations(self) -> set[str]:
-        """Tensors computed from token embeddings or the past KV (Shape outputs are integers, not activations)."""
-        active = {i.name for i in self.model.graph.input if i.name.startswith("past_key_values.")}
-        for node in self.model.graph.node:
-            if node.op_type == "Gather" and node.input[0] in self.inits and node.input[1:] == ["input_ids"]:
-                active.add(node.output[0])  # embedding lookup (a table Gather by position ids is a constant)
-            elif node.op_type != "Shape" and any(i in active for i in node.input):
-                active.update(node.output)
-        return active
 
-    def act_inputs(self, node: onnx.NodeProto) -> list[str]:
-        return [i for i in node.input if i in self.active]
-
-    def source(self, tensor: str) -> str:
-        """``tensor`` traced back through plumbing that has one activation input."""
-        while tensor in self.producer:
-            node = self.producer[tensor]
-            ins = self.act_inputs(node)
-            if node.op_type not in PLUMBING or len(ins) != 1:
-                break
-            tensor = ins[0]
-        return tensor
-
-    def users(self, tensor: str) -> list[onnx.NodeProto]:
-        """Readers of ``tensor`` that use its values (Shape only reads its dimensions)."""
-        return [u for u in self.consumers.get(tensor, []) if u.op_type != "Shape"]
-
-    def sink(self, tensor: str, linear_inputs: set[str]) -> str:
-        """Follow single-reader plumbing forward from ``tensor`` to a linear input, if one is reached."""
-        t = tensor
-        while t not in linear_inputs:
-            users = self.users(t)
-            if len(users) != 1 or users[0].op_type not in PLUMBING or t in self.outputs:
-                return tensor
-            t = users[0].output[0]
-        return t
+def _act_inputs(node: onnx.NodeProto, active: set[str]) -> list[str]:
+    return [i for i in node.input if i in active]
 
 
 # ---------------------------------------------------------------- softmax decomposition
@@ -194,20 +139,21 @@ def decompose_softmax(model: onnx.ModelProto, names: Callable[[str], str]) -> li
 
     Returns, per softmax, the tensors {"s", "lse", "d", "p", "mask"} (mask "" when there is none).
     """
-    g = Graph(model)
+    g = GraphIndex.live(model)
+    active = activations(g)
     found = []
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
     index = {id(n): i for i, n in enumerate(model.graph.node)}
     for node in list(model.graph.node):
-        if node.op_type != "Softmax" or node.input[0] not in g.active:
+        if node.op_type != "Softmax" or node.input[0] not in active:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         if axis != -1:
             raise TtfscError(f"{node.name}: Softmax over axis {axis}; --full decomposes last-axis softmax only.")
         s, mask, add = node.input[0], "", g.producer.get(node.input[0])
-        if add is not None and add.op_type == "Add" and len(g.act_inputs(add)) == 1 and len(g.users(s)) == 1:
-            s = g.act_inputs(add)[0]
+        if add is not None and add.op_type == "Add" and len(_act_inputs(add, active)) == 1 and len(g.readers(s)) == 1:
+            s = _act_inputs(add, active)[0]
             mask = next(i for i in add.input if i != s)
             drop.add(index[id(add)])
         base = node.name or s
@@ -236,19 +182,11 @@ def decompose_softmax(model: onnx.ModelProto, names: Callable[[str], str]) -> li
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _drop_unused(model, orphans)
+    drop_unused_initializers(model, orphans)  # the dropped guard's constants
     return found
 
 
-def _drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove initializers among ``candidates`` that no node reads any more (the dropped guard's constants)."""
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name not in candidates or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def _drop_nan_guard(g: Graph, p: str, index: dict[int, int], drop: set[int]) -> str:
+def _drop_nan_guard(g: GraphIndex, p: str, index: dict[int, int], drop: set[int]) -> str:
     """``Where(IsNaN(p), 0, p)`` after the softmax (Optimum's all-masked-row guard): drop it, return its output."""
     users = g.consumers.get(p, [])
     isnan = [u for u in users if u.op_type == "IsNaN"]
@@ -291,7 +229,8 @@ class QPoint:
 
 def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: Sequence[onnx.NodeProto]) -> list[QPoint]:
     """Every quantization point of the decomposed float model, in graph order, each with its kind."""
-    g = Graph(model)
+    g = GraphIndex.live(model)
+    active = activations(g)
     lin_ids = {id(n) for n in linears}
     lin_out = {n.output[0] for n in linears}
     lin_in = {n.input[0] for n in linears}
@@ -305,30 +244,30 @@ def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: S
     for sm in softmaxes:
         sm_nodes[sm["s"]] = sm
     for node in model.graph.node:
-        op, ins = node.op_type, g.act_inputs(node)
+        op, ins = node.op_type, _act_inputs(node, active)
         out = node.output[0] if node.output else ""
-        if op == "Gather" and node.input[1:] == ["input_ids"] and out in g.active:
+        if op == "Gather" and node.input[1:] == ["input_ids"] and out in active:
             add(QPoint(out, "residual"))  # the embedding starts the residual stream
-        elif not ins or out not in g.active:
+        elif not ins or out not in active:
             continue
         elif id(node) in lin_ids:
-            if out not in g.outputs:
+            if out not in g.graph_outputs:
                 add(QPoint(out, "linear_out"))
         elif op == "Add" and len(ins) == 2:
-            kind = "residual" if any(g.source(i) in lin_out for i in ins) else "rotary"
+            kind = "residual" if any(g.carrier_source(i, active) in lin_out for i in ins) else "rotary"
             add(QPoint(out, kind))
         elif op == "ReduceMean":
             add(QPoint(out, "rmsnorm_ms"))
         elif op == "Div" and g.producer.get(ins[0]) is not None and g.producer[ins[0]].op_type == "Sqrt":
             add(QPoint(out, "rsqrt"))
         elif op == "Mul" and len(ins) == 2:
-            add(_mul_point(g, node, lin_in))
+            add(_mul_point(g, active, node, lin_in))
         elif op == "MatMul" and len(ins) == 2:
             sm = sm_nodes.get(out)
             if sm is not None:
                 add(QPoint(out, "product", mask=sm["mask"], width="scores"))
             else:
-                sink = g.sink(out, lin_in)
+                sink = g.carrier_sink(out, lin_in)
                 add(QPoint(out, "product", calib=sink, linear_input=sink in lin_in))
         elif op == "ReduceLogSumExp":
             add(QPoint(out, "lse"))
@@ -339,32 +278,32 @@ def plan(model: onnx.ModelProto, softmaxes: Sequence[dict[str, str]], linears: S
             add(QPoint(out, "exp", lo_zero=True))
         elif op == "Concat" and any(i.startswith("past_key_values.") for i in ins):
             new = [i for i in ins if not i.startswith("past_key_values.")]
-            add(QPoint(out, "kv", shares=g.source(new[0]) if len(new) == 1 else ""))
-    _finish(points, lin_in, g)
+            add(QPoint(out, "kv", shares=g.carrier_source(new[0], active) if len(new) == 1 else ""))
+    _finish(points, lin_in, g, active)
     return list(points.values())
 
 
-def _mul_point(g: Graph, node: onnx.NodeProto, lin_in: set[str]) -> QPoint:
+def _mul_point(g: GraphIndex, active: set[str], node: onnx.NodeProto, lin_in: set[str]) -> QPoint:
     """A product of two activations: SiLU (x * Sigmoid(x)), RMSNorm apply (x * r, to the gain), or gate*up."""
-    a, b = g.act_inputs(node)
+    a, b = _act_inputs(node, active)
     prods = {g.producer[i].op_type if i in g.producer else "" for i in (a, b)}
     out = node.output[0]
     if "Sigmoid" in prods:
         return QPoint(out, "silu")
     end = out
     while True:  # RMSNorm: Mul(x, r) -> Cast -> Mul(gamma): quantize after the gain
-        users = g.users(end)
+        users = g.readers(end)
         if len(users) != 1 or end in lin_in:
             break
         u = users[0]
-        if u.op_type == "Cast" or (u.op_type == "Mul" and len(g.act_inputs(u)) == 1):
+        if u.op_type == "Cast" or (u.op_type == "Mul" and len(_act_inputs(u, active)) == 1):
             end = u.output[0]
         else:
             break
     return QPoint(end, "product", linear_input=end in lin_in)
 
 
-def _finish(points: dict[str, QPoint], lin_in: set[str], g: Graph) -> None:
+def _finish(points: dict[str, QPoint], lin_in: set[str], g: GraphIndex, active: set[str]) -> None:
     """Linear inputs get the linear-input calibration; a kv point's source must be a quantizer."""
     for p in points.values():
         if p.calib in lin_in:
@@ -373,7 +312,7 @@ def _finish(points: dict[str, QPoint], lin_in: set[str], g: Graph) -> None:
             raise TtfscError(f"{p.tensor}: the past is concatenated with {p.shares or 'several tensors'}, which is not "
                              "a quantized group result; --full expects Concat(past, k or v).")
     for x in lin_in:
-        if g.source(x) not in points and x not in points:
+        if g.carrier_source(x, active) not in points and x not in points:
             raise TtfscError(f"linear input {x} is not produced by a recognised stage group; --full supports "
                              "LLaMA decoders exported with `ttfsc export`.")
 
@@ -418,7 +357,6 @@ def mse_range(x: np.ndarray, lo: float, hi: float, bits: int, lo_zero: bool) -> 
     For stage results that feed a nonlinearity or a product rather than a linear layer, the
     error of the tensor is the proxy (minmax, ratio 1.0, is a candidate, so never worse on ``x``).
     """
-    from ttfsc.quantizer.quantize import SEARCH_RATIOS, activation_params, fake_quant
     if not x.size:
         return lo, hi
 
@@ -497,15 +435,14 @@ def clip_softmax_tails(ranges: dict[str, tuple[float, float]], softmaxes: Sequen
 
 # ---------------------------------------------------------------- graph rewriting
 
-def insert_chains(model: onnx.ModelProto, points: Sequence[QPoint], params: dict[str, Any],
-                  names: Any) -> tuple[dict[str, str], dict[str, str]]:
+def insert_chains(model: onnx.ModelProto, points: Sequence[QPoint], params: dict[str, ActParams],
+                  names: Names) -> tuple[dict[str, str], dict[str, str]]:
     """Clip -> Q -> DQ after every point; all readers read the DQ. Returns {Q node: kind}, {kv Q: source Q}."""
-    from ttfsc.quantizer.quantize import activation_chain
-    g = Graph(model)
+    g = GraphIndex.live(model)
     kinds, q_of, new_nodes = {}, {}, []
     for p in points:
         x = p.tensor
-        if x in g.outputs:  # present.*: the float tensor is renamed and the graph output becomes the DQ
+        if x in g.graph_outputs:  # present.*: the float tensor is renamed and the graph output becomes the DQ
             pre = names(f"{x}_prequant")
             producer = g.producer[x]
             producer.output[list(producer.output).index(x)] = pre
@@ -572,7 +509,8 @@ def stage_groups(model: onnx.ModelProto) -> list[Group]:
     if GROUPS_META not in meta:
         raise TtfscError(f"model has no {GROUPS_META} metadata; quantize it with `ttfsc quantize --full`.")
     kinds = json.loads(meta[GROUPS_META])
-    g = Graph(model)
+    g = GraphIndex.live(model)
+    active = activations(g)
     by_name = {n.name: n for n in model.graph.node}
     out = []
     for qname, kind in kinds.items():
@@ -583,7 +521,7 @@ def stage_groups(model: onnx.ModelProto) -> list[Group]:
         while stack:
             t = stack.pop()
             node = g.producer.get(t)
-            if node is None or t not in g.active or id(node) in seen:
+            if node is None or t not in active or id(node) in seen:
                 continue
             seen.add(id(node))
             if node.op_type == "DequantizeLinear":
@@ -598,37 +536,35 @@ def stage_groups(model: onnx.ModelProto) -> list[Group]:
 
 # ---------------------------------------------------------------- entry point
 
-def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits: int, method: str, percentile: float,
-                        calib: Any, samples: int, seqlen: int, log: Callable[[str], Any],
-                        abits_for: dict[str, int] | None, windows: dict[str, int]) -> dict:
-    """The --full counterpart of quantize._quantize_float: calibrate every stage of ``tf.path``, write the twin."""
-    from ttfsc.quantizer import quantize as qz
-    path = tf.path
+def quantize_float_full(tf: Any, original: str, out_path: str, config: QuantConfig, log: Log) -> dict:
+    """The --full counterpart of quantize.quantize_float: calibrate every stage of the transformed float
+    model ``tf.path`` (a transforms.Transform), write the twin and its prefix."""
+    path, abits, wbits, method = tf.path, config.abits, config.wbits, config.method
+    overrides, windows = config.overrides, config.kind_windows
     model = modelio.load_model(path)
-    names = qz._Names(model)
+    names = Names(model)
     softmaxes = decompose_softmax(model, names)
-    linears = qz.find_linears(model)
+    linears = find_linears(model)
     if not linears:
         raise TtfscError(f"{original}: no MatMul with a float32 initializer weight to quantize; "
                          "give a float model exported with `ttfsc export` (not an already quantized one).")
     points = plan(model, softmaxes, linears)
-    width = {p.tensor: _point_bits(p, abits, windows, abits_for) for p in points}
+    width = {p.tensor: _point_bits(p, abits, windows, overrides) for p in points}
     width.update({p.tensor: width[p.shares] for p in points if p.kind == "kv"})
     t0 = time.perf_counter()
-    ranges, prefix, desc = _calibrate(model, path, linears, points, width, calib, method, percentile,
-                                      tf.prefix_mode, samples, seqlen, log)
+    ranges, prefix, desc = _calibrate(model, path, linears, points, width, config, tf.prefix_mode, log)
     if SOFTMAX_TAILS:
         clip_softmax_tails(ranges, softmaxes, width)
-    params = {t: qz.activation_params(lo, hi, width[t]) for t, (lo, hi) in ranges.items()}
+    params = {t: activation_params(lo, hi, width[t]) for t, (lo, hi) in ranges.items()}
     t_calib = time.perf_counter() - t0
     used = {k: window_for_bits(kind_bits(k, abits, windows)) for k in WIDTHS}
     meta = {"ttfsc.abits": str(abits), "ttfsc.wbits": str(wbits), "ttfsc.method": method,
-            "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in (abits_for or {}).items()),
-            "ttfsc.calibration": desc, qz.PREFIX_META: qz.format_ids(prefix.ids) if prefix else "",
+            "ttfsc.abits_for": ",".join(f"{k}={v}" for k, v in overrides.items()),
+            "ttfsc.calibration": desc, PREFIX_META: format_ids(prefix.ids) if prefix else "",
             WINDOWS_META: json.dumps(used), **tf.meta}
     n_weights = write_full(model, linears, points, params, wbits, meta, str(out_path))
     if prefix is not None:
-        qz._save_prefix(prefix, Path(out_path).resolve().parent / qz.PREFIX_FILE)
+        save_prefix(prefix, Path(out_path).resolve().parent / PREFIX_FILE)
     log(f"full twin: {n_weights} weights to int8, {len(points)} activation quantizers ({_count(points)}); "
         f"windows {used}; calibration {desc} ({t_calib:.1f}s)")
     log(f"wrote {out_path}")
@@ -643,21 +579,22 @@ def quantize_float_full(tf: Any, original: str, out_path: str, wbits: int, abits
 
 
 def _calibrate(model: onnx.ModelProto, path: str, linears: list[onnx.NodeProto], points: list[QPoint],
-               width: dict[str, int], calib: Any, method: str, percentile: float, prefix_mode: Any, samples: int,
-               seqlen: int, log: Callable[[str], Any]) -> tuple[dict[str, tuple[float, float]], Any, str]:
+               width: dict[str, int], config: QuantConfig, prefix_mode: Any,
+               log: Log) -> tuple[dict[str, tuple[float, float]], Any, str]:
     """Ranges of every point on the decomposed float model, after the prefix (chosen as in the hybrid QANN)."""
-    from ttfsc.quantizer import quantize as qz
-    acts = qz._activation_names(model, linears)
+    method = config.method
+    acts = activation_names(model, linears)
     calib_names = sorted({p.calib for p in points} | {p.mask for p in points if p.mask} | set(acts))
-    with qz._with_outputs(model, calib_names), qz._session(model, path) as sess:
-        feeds, prefix, desc = qz._calibration_feeds(sess, path, acts, calib, prefix_mode, samples, seqlen, log)
-        search = qz.make_observer(method, percentile, len(feeds)) if method != "minmax" else None
+    with extra_outputs(model, calib_names), session(model, path) as sess:
+        feeds, prefix, desc = calibration_feeds(sess, path, acts, config.calib, prefix_mode, config.calib_samples,
+                                                config.calib_seqlen, log)
+        search = make_observer(method, config.percentile, len(feeds)) if method != "minmax" else None
         observers = calibrate_points(sess, points, feeds, search)
     lin_obs = {n: ob for n, ob in observers.items() if not isinstance(ob, MaskedMinMax)}
     searched: dict[str, tuple[float, float]] = {}
     if method == "search":
         bits_of = {p.calib: width[p.tensor] for p in points}
-        searched, _ = qz.searched_ranges(model, linears, lin_obs, lambda n: bits_of[n])
+        searched, _ = searched_ranges(model, linears, lin_obs, lambda n: bits_of[n])
     elif method == "percentile":
         searched = {n: ob.range() for n, ob in lin_obs.items()}
     if FULL_METHOD == "mse":
@@ -683,20 +620,18 @@ def _count(points: Iterable[QPoint]) -> str:
     return ", ".join(f"{k} {c[k]}" for k in KINDS if c[k])
 
 
-def write_full(model: onnx.ModelProto, linears: list[onnx.NodeProto], points: list[QPoint], params: dict[str, Any],
+def write_full(model: onnx.ModelProto, linears: list[onnx.NodeProto], points: list[QPoint], params: dict[str, ActParams],
                wbits: int, meta: dict[str, str], out_path: str) -> int:
     """Weights to int8 + every point's Clip -> Q -> DQ; save atomically. Returns the number of weights."""
-    from ttfsc.quantizer import quantize as qz
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
     try:
-        w_chains, replaced = qz.quantize_weights(model, linears, wbits, spill)
+        w_chains, replaced = quantize_weights(model, linears, wbits, spill)
         for nodes, _ in w_chains:
             model.graph.node.extend(nodes)
-        kinds, kv = insert_chains(model, points, params, qz._Names(model))
-        if any(p.N > 255 for p in params.values()) and not any(o.domain == qz.MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(qz.MS_DOMAIN, 1))
-        qz._drop_unused_initializers(model, replaced)
-        qz._set_metadata(model, {**meta, FULL_META: "1", GROUPS_META: json.dumps(kinds), KV_META: json.dumps(kv)})
+        kinds, kv = insert_chains(model, points, params, Names(model))
+        use_contrib_domain(model, params.values())
+        drop_unused_initializers(model, replaced)
+        replace_metadata(model, {**meta, FULL_META: "1", GROUPS_META: json.dumps(kinds), KV_META: json.dumps(kv)})
         modelio.save_model(model, out_path)
     finally:
         spill.close()

@@ -1,4 +1,4 @@
-"""GPTQ weight quantization (Frantar et al. 2022) onto quantize.py's per-channel symmetric grid.
+"""GPTQ weight quantization (Frantar et al. 2022) onto the per-channel symmetric weight grid (weights.py).
 
 Why. Round-to-nearest (RTN) rounds every weight on its own; at 4 bits the errors of a column add
 up in the layer output, and on SmolLM2 W4 RTN dominates every cell of the bits x T study. GPTQ
@@ -28,10 +28,14 @@ import numpy as np
 import onnx
 
 from ttfsc.errors import TtfscError
+from ttfsc.graph import extra_outputs
+from ttfsc.quantizer.calibration import Log, session
+from ttfsc.quantizer.prefix import calibration_feeds
+from ttfsc.quantizer.ranges import fake_quant
+from ttfsc.ttfs import grid_codes
 
 DAMP = 0.01  # dampening: fraction of mean(diag H) added to the diagonal (GPTQ's default)
 BLOCK = 128  # input rows per lazy block update
-WEIGHT_METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -77,8 +81,8 @@ def damped_inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> tuple[np.ndarr
 
 
 def round_codes(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
-    """Nearest symmetric code (half to even, like quantize.weight_codes) of each value on its channel's grid."""
-    return np.clip(np.rint(w / scale), -qmax, qmax)
+    """Nearest symmetric code (half to even, like weights.weight_codes) of each value on its channel's grid."""
+    return grid_codes(w, scale, 0, -qmax, qmax)
 
 
 class SharedHessian:
@@ -153,25 +157,23 @@ class QuantizedHessian(Hessian):
 
 def collect_hessians(model: onnx.ModelProto, path: str, linears: Sequence[onnx.NodeProto], params: Mapping[str, Any],
                      calib: Any, prefix_ids: Sequence[int] | None, samples: int, seqlen: int,
-                     log: Callable[[str], Any], quantized: bool = True) -> dict[str, "SharedHessian"]:
+                     log: Log, quantized: bool = True) -> dict[str, "SharedHessian"]:
     """Per weight, H from its layer's inputs over the calibration data (after the same prefix).
 
-    ``params`` are the activation quantizers (quantize.ActParams) fixed by calibration; a tensor
+    ``params`` are the activation quantizers (ranges.ActParams) fixed by calibration; a tensor
     without one (non-finite range, left float) contributes its float values.
     """
-    from ttfsc.quantizer import quantize as qz
-
     by_weight = weight_inputs(linears)
     acts = sorted({a for names in by_weight.values() for a in names})
     feeds_acts = [a for a in acts if a not in {i.name for i in model.graph.input}]
 
     def make(name: str) -> Hessian:
         p = params.get(name) if quantized else None
-        return QuantizedHessian((lambda x, p=p: qz.fake_quant(x, p)) if p is not None else None)
+        return QuantizedHessian((lambda x, p=p: fake_quant(x, p)) if p is not None else None)
 
     prefix_mode: Any = list(prefix_ids) if prefix_ids else "none"
-    with qz._with_outputs(model, feeds_acts), qz._session(model, path) as sess:
-        feeds, _, _ = qz._calibration_feeds(sess, path, feeds_acts, calib, prefix_mode, samples, seqlen, log)
+    with extra_outputs(model, feeds_acts), session(model, path) as sess:
+        feeds, _, _ = calibration_feeds(sess, path, feeds_acts, calib, prefix_mode, samples, seqlen, log)
         observers = {a: make(a) for a in acts}
         fetch = [a for a in acts if a in {o.name for o in sess.get_outputs()}]
         for f in feeds:

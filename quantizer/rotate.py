@@ -38,10 +38,11 @@ from onnx import TensorProto, numpy_helper
 
 from ttfsc import modelio
 from ttfsc.errors import TtfscError
+from ttfsc.graph import GraphIndex, set_metadata, with_outputs
+from ttfsc.quantizer.config import ROTATIONS
+from ttfsc.quantizer.weights import col_blocks, row_blocks
 
-KINDS = ("random", "hadamard")
 ONLINE_TRANSFORM_SUFFIX = ".online_hadamard"  # in the names of inserted float rotation nodes (not linear layers)
-BLOCK_BYTES = 64 << 20  # float32 bytes transformed at once
 PASS_THROUGH = ("Cast", "Identity")  # ops that carry a residual/normalised tensor unchanged
 STATS_OPS = ("Pow",)  # residual consumers that only compute the (rotation-invariant) RMS
 
@@ -68,86 +69,76 @@ class Structure:
     writers: list[onnx.NodeProto]
 
 
-class _Graph:
-    """Producer/consumer maps of a graph, built once."""
+def _users(g: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    """Readers of a residual-stream tensor; a graph output there would change under rotation."""
+    if tensor in g.graph_outputs:
+        raise TtfscError(f"tensor {tensor} is a graph output inside the residual stream; rotating would "
+                         "change it. Export without hidden-state outputs (`ttfsc export`).")
+    return g.consumers.get(tensor, [])
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                self.consumers.setdefault(i, []).append(node)
-        self.outputs = {o.name for o in model.graph.output}
 
-    def users(self, tensor: str) -> list[onnx.NodeProto]:
-        if tensor in self.outputs:
-            raise TtfscError(f"tensor {tensor} is a graph output inside the residual stream; rotating would "
-                             "change it. Export without hidden-state outputs (`ttfsc export`).")
-        return self.consumers.get(tensor, [])
+def initializer_behind(g: GraphIndex, tensor: str) -> tuple[str | None, bool]:
+    """(initializer behind ``tensor`` through Identity/Transpose chains, True if transposed).
 
-    def source(self, tensor: str) -> tuple[str | None, bool]:
-        """(initializer behind ``tensor`` through Identity/Transpose chains, True if transposed).
-
-        Exports deduplicate equal tensors (e.g. all-ones RMSNorm gains) into Identity nodes and
-        tie lm_head to the embedding through a Transpose; both are followed here.
-        """
-        transposed = False
-        while tensor not in self.inits:
-            prod = self.producer.get(tensor)
-            if prod is None or prod.op_type not in ("Identity", "Transpose"):
+    Exports deduplicate equal tensors (e.g. all-ones RMSNorm gains) into Identity nodes and
+    tie lm_head to the embedding through a Transpose; both are followed here.
+    """
+    transposed = False
+    while tensor not in g.inits:
+        prod = g.producer.get(tensor)
+        if prod is None or prod.op_type not in ("Identity", "Transpose"):
+            return None, False
+        if prod.op_type == "Transpose":
+            perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
+            if perm != [1, 0]:
                 return None, False
-            if prod.op_type == "Transpose":
-                perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
-                if perm != [1, 0]:
-                    return None, False
-                transposed = not transposed
-            tensor = prod.input[0]
-        return tensor, transposed
-
-    def weight_of(self, node: onnx.NodeProto) -> str | None:
-        """The float 2-D weight initializer of a MatMul (directly or through Identity/Transpose), else None."""
-        if node.op_type != "MatMul" or len(node.input) != 2:
-            return None
-        name, _ = self.source(node.input[1])
-        if name is None or len(self.inits[name].dims) != 2 or self.inits[name].data_type != TensorProto.FLOAT:
-            return None
-        return name
+            transposed = not transposed
+        tensor = prod.input[0]
+    return tensor, transposed
 
 
-def _find_embedding(g: _Graph) -> tuple[onnx.NodeProto, str]:
-    hits = [n for n in g.model.graph.node if n.op_type == "Gather" and n.input[0] in g.inits
-            and len(g.inits[n.input[0]].dims) == 2 and g.inits[n.input[0]].data_type == TensorProto.FLOAT]
+def weight_of(g: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The float 2-D weight initializer of a MatMul (directly or through Identity/Transpose), else None."""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    name, _ = initializer_behind(g, node.input[1])
+    if name is None:
+        return None
+    t = g.inits.by_name[name]
+    return name if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT else None
+
+
+def _find_embedding(g: GraphIndex) -> tuple[onnx.NodeProto, str]:
+    table = g.inits.by_name
+    hits = [n for n in g.model.graph.node if n.op_type == "Gather" and n.input[0] in table
+            and len(table[n.input[0]].dims) == 2 and table[n.input[0]].data_type == TensorProto.FLOAT]
     if len(hits) != 1:
         raise TtfscError(f"expected one embedding Gather on a 2-D float initializer, found {len(hits)} "
                          f"({[n.name for n in hits]}); give an Optimum LLaMA export (`ttfsc export`).")
     return hits[0], hits[0].input[0]
 
 
-def _follow_pass_through(g: _Graph, tensor: str) -> tuple[str, list[onnx.NodeProto]]:
+def _follow_pass_through(g: GraphIndex, tensor: str) -> tuple[str, list[onnx.NodeProto]]:
     """Skip Cast/Identity chains with a single consumer; return the tensor reached and its users."""
-    users = g.users(tensor)
+    users = _users(g, tensor)
     while len(users) == 1 and users[0].op_type in PASS_THROUGH:
         tensor = users[0].output[0]
-        users = g.users(tensor)
+        users = _users(g, tensor)
     return tensor, users
 
 
-def _gamma_of(g: _Graph, node: onnx.NodeProto, hidden: int) -> str | None:
+def _gamma_of(g: GraphIndex, node: onnx.NodeProto, hidden: int) -> str | None:
     if node.op_type != "Mul":
         return None
     for i in node.input:
-        name, _ = g.source(i)
-        t = g.inits.get(name) if name else None
+        name, _ = initializer_behind(g, i)
+        t = g.inits.by_name.get(name) if name else None
         if t is not None and list(t.dims) == [hidden] and t.data_type == TensorProto.FLOAT:
             return i
     return None
 
 
-def _norm_from_apply(g: _Graph, apply: onnx.NodeProto, hidden: int) -> Norm:
+def _norm_from_apply(g: GraphIndex, apply: onnx.NodeProto, hidden: int) -> Norm:
     """From the 1/rms Mul follow Cast chains to the gamma Mul and then to the linear readers."""
     tensor, users = _follow_pass_through(g, apply.output[0])
     gamma_node, gamma = None, None
@@ -158,7 +149,7 @@ def _norm_from_apply(g: _Graph, apply: onnx.NodeProto, hidden: int) -> Norm:
     for u in users:
         if u.op_type == "Shape":
             continue
-        if g.weight_of(u) is None or u.input[0] != tensor:
+        if weight_of(g, u) is None or u.input[0] != tensor:
             raise TtfscError(f"node {u.name} ({u.op_type}) reads the normalised tensor {tensor} but is not a "
                              "MatMul with a weight initializer; rotation cannot account for it. Give an "
                              "Optimum LLaMA export, or fold this op by hand first.")
@@ -168,21 +159,21 @@ def _norm_from_apply(g: _Graph, apply: onnx.NodeProto, hidden: int) -> Norm:
     return norm
 
 
-def _residual_writer(g: _Graph, add: onnx.NodeProto, stream: set[str]) -> onnx.NodeProto:
+def _residual_writer(g: GraphIndex, add: onnx.NodeProto, stream: set[str]) -> onnx.NodeProto:
     other = [i for i in add.input if i not in stream]
     prod = g.producer.get(other[0]) if len(other) == 1 else None
-    if prod is None or g.weight_of(prod) is None or len(g.consumers.get(prod.output[0], [])) != 1:
+    if prod is None or weight_of(g, prod) is None or len(g.consumers.get(prod.output[0], [])) != 1:
         raise TtfscError(f"residual Add {add.name} adds a tensor not produced by a linear layer (MatMul with "
                          "a weight initializer, used only there); unrecognised structure.")
     return prod
 
 
-def _walk_residual(g: _Graph, start: str, hidden: int) -> tuple[list[Norm], list[onnx.NodeProto]]:
+def _walk_residual(g: GraphIndex, start: str, hidden: int) -> tuple[list[Norm], list[onnx.NodeProto]]:
     """Visit every consumer of the residual stream; classify it or raise."""
     stream, todo, norms, writers, seen = {start}, [start], [], [], set()
     while todo:
         t = todo.pop()
-        for u in g.users(t):
+        for u in _users(g, t):
             if id(u) in seen:
                 continue
             seen.add(id(u))
@@ -206,9 +197,9 @@ def _walk_residual(g: _Graph, start: str, hidden: int) -> tuple[list[Norm], list
 
 def analyse(model: onnx.ModelProto) -> Structure:
     """Recognise embedding, RMSNorms + readers and residual writers, or raise TtfscError."""
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     embed_node, embed = _find_embedding(g)
-    hidden = int(g.inits[embed].dims[1])
+    hidden = int(g.inits.by_name[embed].dims[1])
     norms, writers = _walk_residual(g, embed_node.output[0], hidden)
     if not norms or not writers:
         raise TtfscError(f"found {len(norms)} RMSNorms and {len(writers)} residual writers after "
@@ -255,8 +246,8 @@ def rotation(n: int, seed: int = 0, kind: str = "random") -> np.ndarray:
     power of two; otherwise H_{2^k} kron R_m with n = 2^k m and R_m Haar-random (576 = 64 x 9), which
     keeps most of Hadamard's even spreading (hadamard_factors).
     """
-    if kind not in KINDS:
-        raise TtfscError(f"rotation kind {kind!r} is unknown; use one of {KINDS}.")
+    if kind not in ROTATIONS:
+        raise TtfscError(f"rotation kind {kind!r} is unknown; use one of {ROTATIONS}.")
     if kind == "random":
         return random_orthogonal(n, np.random.default_rng(seed))
     signs, factors = hadamard_factors(n, seed)
@@ -268,7 +259,7 @@ def rotation(n: int, seed: int = 0, kind: str = "random") -> np.ndarray:
 
 # ---------------------------------------------------------------- weight I/O
 
-class _Writer:
+class WeightWriter:
     """Replaces initializers by transformed copies, untying weights that are shared."""
 
     def __init__(self, model: onnx.ModelProto, spill: modelio.SpillFile):
@@ -298,20 +289,10 @@ class _Writer:
         return name
 
 
-def _col_blocks(w: np.ndarray) -> Iterable[slice]:
-    cols = max(1, BLOCK_BYTES // max(1, w.shape[0] * 4))
-    return (slice(c, c + cols) for c in range(0, w.shape[1], cols))
-
-
-def _row_blocks(w: np.ndarray) -> Iterable[slice]:
-    rows = max(1, BLOCK_BYTES // max(1, w.shape[1] * 4))
-    return (slice(r, r + rows) for r in range(0, w.shape[0], rows))
-
-
 def _left(q_t: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     """q_t @ diag(scale) @ w, column block by column block, in float64."""
     out = np.empty(w.shape, dtype=np.float32)
-    for c in _col_blocks(w):
+    for c in col_blocks(w):
         block = np.asarray(w[:, c], dtype=np.float64)
         if scale is not None:
             block = block * scale[:, None]
@@ -322,20 +303,20 @@ def _left(q_t: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> np.ndarra
 def _right(w: np.ndarray, q: np.ndarray) -> np.ndarray:
     """w @ q, row block by row block, in float64."""
     out = np.empty(w.shape, dtype=np.float32)
-    for r in _row_blocks(w):
+    for r in row_blocks(w):
         out[r] = np.asarray(w[r], dtype=np.float64) @ q
     return out
 
 
 # ---------------------------------------------------------------- rotate
 
-def _matmul_weight(g: _Graph, node: onnx.NodeProto) -> tuple[str, bool]:
+def _matmul_weight(g: GraphIndex, node: onnx.NodeProto) -> tuple[str, bool]:
     """(initializer name, True if it arrives through Identity/Transpose and must be untied)."""
     w = node.input[1]
-    return (w, False) if w in g.inits else (g.source(w)[0], True)
+    return (w, False) if w in g.inits else (initializer_behind(g, w)[0], True)
 
 
-def _set_weight(wr: _Writer, g: _Graph, node: onnx.NodeProto, array: np.ndarray, shared: bool) -> None:
+def _set_weight(wr: WeightWriter, g: GraphIndex, node: onnx.NodeProto, array: np.ndarray, shared: bool) -> None:
     """Give ``node`` its transformed weight: in place if only it uses the initializer, else a new one."""
     name, indirect = _matmul_weight(g, node)
     if indirect or shared or name in wr.claimed:
@@ -344,17 +325,17 @@ def _set_weight(wr: _Writer, g: _Graph, node: onnx.NodeProto, array: np.ndarray,
         wr.replace(name, array)
 
 
-def _read_weight(wr: _Writer, g: _Graph, node: onnx.NodeProto) -> np.ndarray:
-    name, transposed = g.source(node.input[1])
+def _read_weight(wr: WeightWriter, g: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
+    name, transposed = initializer_behind(g, node.input[1])
     w = wr.value(name)
     return w.T if transposed else w
 
 
-def _use_count(g: _Graph, name: str) -> int:
+def _use_count(g: GraphIndex, name: str) -> int:
     return len(g.consumers.get(name, []))
 
 
-def _fold_and_rotate_readers(s: Structure, g: _Graph, wr: _Writer, q: np.ndarray | None) -> int:
+def _fold_and_rotate_readers(s: Structure, g: GraphIndex, wr: WeightWriter, q: np.ndarray | None) -> int:
     """W' = Q^T diag(gamma) W for every reader; gamma := 1. Returns the number of gammas folded."""
     folded = 0
     q_t = q.T if q is not None else None
@@ -374,13 +355,13 @@ def _fold_and_rotate_readers(s: Structure, g: _Graph, wr: _Writer, q: np.ndarray
     return folded
 
 
-def gamma_value(wr: _Writer, g: _Graph, norm: Norm) -> np.ndarray:
+def gamma_value(wr: WeightWriter, g: GraphIndex, norm: Norm) -> np.ndarray:
     """The gain the norm's Mul reads now (through Identity chains of deduplicated gains)."""
-    name = norm.gamma if norm.gamma in wr.inits else g.source(norm.gamma)[0]
+    name = norm.gamma if norm.gamma in wr.inits else initializer_behind(g, norm.gamma)[0]
     return np.asarray(wr.value(name), dtype=np.float64)
 
 
-def _set_gamma(wr: _Writer, g: _Graph, norm: Norm, value: np.ndarray) -> None:
+def _set_gamma(wr: WeightWriter, g: GraphIndex, norm: Norm, value: np.ndarray) -> None:
     """New gamma value; a gamma shared with other nodes (or reached through Identity) is untied first."""
     direct = norm.gamma in wr.inits
     if direct and (norm.gamma in wr.claimed or _use_count(g, norm.gamma) == 1):
@@ -396,13 +377,13 @@ def _set_gamma(wr: _Writer, g: _Graph, norm: Norm, value: np.ndarray) -> None:
     wr.claimed.add(new)
 
 
-def _rotate_writers(s: Structure, g: _Graph, wr: _Writer, q: np.ndarray) -> None:
+def _rotate_writers(s: Structure, g: GraphIndex, wr: WeightWriter, q: np.ndarray) -> None:
     for node in s.writers:
         name, _ = _matmul_weight(g, node)
         _set_weight(wr, g, node, _right(_read_weight(wr, g, node), q), _use_count(g, name) > 1)
 
 
-def _rotate_embedding(s: Structure, g: _Graph, wr: _Writer, q: np.ndarray) -> None:
+def _rotate_embedding(s: Structure, g: GraphIndex, wr: WeightWriter, q: np.ndarray) -> None:
     e = _right(wr.value(s.embed), q)
     if _use_count(g, s.embed) > 1 and not _only_dead_users(g, s.embed, s.embed_node):
         s.embed_node.input[0] = wr.new(s.embed, e)
@@ -410,7 +391,7 @@ def _rotate_embedding(s: Structure, g: _Graph, wr: _Writer, q: np.ndarray) -> No
         wr.replace(s.embed, e)
 
 
-def _only_dead_users(g: _Graph, name: str, keep: onnx.NodeProto) -> bool:
+def _only_dead_users(g: GraphIndex, name: str, keep: onnx.NodeProto) -> bool:
     """True if every other user of ``name`` is a Transpose/Identity whose output nobody reads any more."""
     live = {i for n in g.model.graph.node for i in n.input}
     return all(u is keep or (u.op_type in ("Transpose", "Identity") and u.output[0] not in live)
@@ -451,17 +432,17 @@ def _head_dim(model_path: str | os.PathLike) -> int | None:
     return None
 
 
-def _value_output_pairs(g: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+def _value_output_pairs(g: GraphIndex) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(v_proj, o_proj) MatMuls of each attention block, matched by their export names' scope."""
     by_scope: dict[str, dict[str, onnx.NodeProto]] = {}
     for node in g.model.graph.node:
         for role in ("v_proj", "o_proj"):
-            if f"/{role}/" in node.name and g.weight_of(node) is not None:
+            if f"/{role}/" in node.name and weight_of(g, node) is not None:
                 by_scope.setdefault(node.name.split(f"/{role}/")[0], {})[role] = node
     return [(d["v_proj"], d["o_proj"]) for d in by_scope.values() if len(d) == 2]
 
 
-def _rotate_value_heads(g: _Graph, wr: _Writer, head_dim: int, seed: int) -> int:
+def rotate_value_heads(g: GraphIndex, wr: WeightWriter, head_dim: int, seed: int) -> int:
     """Rotate every value head by one Hadamard H: W_v' = W_v (I kron H), W_o' = (I kron H)^T W_o.
 
     Attention mixes value rows by the probabilities only, so (P V) H = P (V H): the rotation passes
@@ -487,7 +468,7 @@ def _rotate_value_heads(g: _Graph, wr: _Writer, head_dim: int, seed: int) -> int
     return len(pairs)
 
 
-def _current_weight(wr: _Writer, g: _Graph, node: onnx.NodeProto) -> np.ndarray:
+def _current_weight(wr: WeightWriter, g: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
     """The weight a MatMul reads now, including copies made earlier in this transform."""
     name = node.input[1]
     return wr.value(name) if name in wr.claimed else _read_weight(wr, g, node)
@@ -503,30 +484,24 @@ def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, see
     model = modelio.load_model(model_path)
     s = analyse(model)
     q = None if fold_only else rotation(s.hidden, seed, kind)
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     try:
-        wr = _Writer(model, spill)
+        wr = WeightWriter(model, spill)
         folded = _fold_and_rotate_readers(s, g, wr, q)
         heads = 0
         if q is not None:
             _rotate_writers(s, g, wr, q)
             _rotate_embedding(s, g, wr, q)
             hd = _head_dim(model_path) if value_heads else None
-            heads = _rotate_value_heads(g, wr, hd, seed) if hd else 0
-        _set_metadata(model, {"ttfsc.rotation": "none" if q is None else f"{kind} seed={seed}"})
+            heads = rotate_value_heads(g, wr, hd, seed) if hd else 0
+        set_metadata(model, {"ttfsc.rotation": "none" if q is None else f"{kind} seed={seed}"})
         _save(model, model_path, out_path)
     finally:
         spill.close()
     return {"model": str(model_path), "output": str(out_path), "kind": None if fold_only else kind, "seed": seed,
             "hidden": s.hidden, "gammas_folded": folded, "readers": sum(len(n.readers) for n in s.norms),
             "writers": len(s.writers), "embedding": s.embed, "untied": wr.untied, "value_heads_rotated": heads}
-
-
-def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
-    for k, v in entries.items():
-        prop = next((p for p in model.metadata_props if p.key == k), None) or model.metadata_props.add()
-        prop.key, prop.value = k, v
 
 
 # ---------------------------------------------------------------- smoothing
@@ -541,18 +516,18 @@ def smoothing_scales(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np
     return s
 
 
-def _row_max(wr: _Writer, g: _Graph, nodes: Sequence[onnx.NodeProto]) -> np.ndarray:
+def _row_max(wr: WeightWriter, g: GraphIndex, nodes: Sequence[onnx.NodeProto]) -> np.ndarray:
     return np.max([np.abs(np.asarray(_read_weight(wr, g, n))).max(axis=1) for n in nodes], axis=0)
 
 
-def _scale_rows(wr: _Writer, g: _Graph, nodes: Sequence[onnx.NodeProto], s: np.ndarray) -> None:
+def _scale_rows(wr: WeightWriter, g: GraphIndex, nodes: Sequence[onnx.NodeProto], s: np.ndarray) -> None:
     for node in nodes:
         w = _read_weight(wr, g, node)
         name, _ = _matmul_weight(g, node)
         _set_weight(wr, g, node, (np.asarray(w, np.float64) * s[:, None]).astype(np.float32), _use_count(g, name) > 1)
 
 
-def _smooth_norm(norm: Norm, g: _Graph, wr: _Writer, amax: np.ndarray, alpha: float) -> None:
+def _smooth_norm(norm: Norm, g: GraphIndex, wr: WeightWriter, amax: np.ndarray, alpha: float) -> None:
     if norm.gamma is None:
         raise TtfscError(f"RMSNorm at {norm.apply.name} has no gain Mul to absorb smoothing scales; "
                          "smooth before folding gains, or re-export.")
@@ -561,19 +536,19 @@ def _smooth_norm(norm: Norm, g: _Graph, wr: _Writer, amax: np.ndarray, alpha: fl
     _scale_rows(wr, g, norm.readers, s)
 
 
-def _up_proj_of(g: _Graph, linear: onnx.NodeProto) -> onnx.NodeProto:
+def _up_proj_of(g: GraphIndex, linear: onnx.NodeProto) -> onnx.NodeProto:
     """The linear whose output multiplies (SwiGLU) into ``linear``'s input, e.g. up_proj for down_proj."""
     prod = g.producer.get(linear.input[0])
     if prod is not None and prod.op_type == "Mul" and len(g.consumers.get(prod.output[0], [])) == 1:
         for i in prod.input:
             p = g.producer.get(i)
-            if p is not None and g.weight_of(p) is not None and len(g.consumers.get(i, [])) == 1:
+            if p is not None and weight_of(g, p) is not None and len(g.consumers.get(i, [])) == 1:
                 return p
     raise TtfscError(f"node {linear.name}: its input is not Mul(act, up_proj(x)) (SwiGLU); cannot move "
                      "smoothing scales into a preceding op. Leave this tensor out of act_max.")
 
 
-def _smooth_swiglu(linear: onnx.NodeProto, g: _Graph, wr: _Writer, amax: np.ndarray, alpha: float) -> None:
+def _smooth_swiglu(linear: onnx.NodeProto, g: GraphIndex, wr: WeightWriter, amax: np.ndarray, alpha: float) -> None:
     up = _up_proj_of(g, linear)
     s = smoothing_scales(amax, _row_max(wr, g, [linear]), alpha)
     w_up = np.asarray(_read_weight(wr, g, up), np.float64)
@@ -593,42 +568,42 @@ def smooth_model(model_path: str | os.PathLike, out_path: str | os.PathLike, act
         raise TtfscError(f"alpha {alpha} is outside [0, 1]; SmoothQuant uses 0.5 (0.75 for hard models).")
     model = modelio.load_model(model_path)
     s = analyse(model)
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     by_tensor = {n.output: n for n in s.norms}
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     done = []
     try:
-        wr = _Writer(model, spill)
+        wr = WeightWriter(model, spill)
         for name, amax in act_max.items():
             amax = np.asarray(amax, dtype=np.float64).reshape(-1)
             if name in by_tensor:
                 _smooth_norm(by_tensor[name], g, wr, amax, alpha)
             else:
-                linear = next((u for u in g.consumers.get(name, []) if g.weight_of(u) is not None), None)
+                linear = next((u for u in g.consumers.get(name, []) if weight_of(g, u) is not None), None)
                 if linear is None:
                     raise TtfscError(f"act_max names {name!r}, which is not the input of a linear layer; "
                                      "use the activation names quantize calibrates (MatMul first inputs).")
                 _smooth_swiglu(linear, g, wr, amax, alpha)
             done.append(name)
-        _set_metadata(model, {"ttfsc.smoothing": f"alpha={alpha} tensors={len(done)}"})
+        set_metadata(model, {"ttfsc.smoothing": f"alpha={alpha} tensors={len(done)}"})
         _save(model, model_path, out_path)
     finally:
         spill.close()
     return {"model": str(model_path), "output": str(out_path), "alpha": alpha, "smoothed": done}
 
 
-def _down_linears(g: _Graph) -> list[onnx.NodeProto]:
+def _down_linears(g: GraphIndex) -> list[onnx.NodeProto]:
     """Linears fed by a SwiGLU product (down_proj), in graph order."""
     out = []
     for node in g.model.graph.node:
-        if g.weight_of(node) is not None:
+        if weight_of(g, node) is not None:
             with contextlib.suppress(TtfscError):
                 _up_proj_of(g, node)
                 out.append(node)
     return out
 
 
-def _online_hadamard(model: onnx.ModelProto, wr: _Writer, before: onnx.NodeProto, signs: np.ndarray,
+def _online_hadamard(model: onnx.ModelProto, wr: WeightWriter, before: onnx.NodeProto, signs: np.ndarray,
                      factors: list[np.ndarray]) -> str:
     """Insert x -> x diag(signs) kron(*factors) before ``before`` as Mul, Reshape, per-axis MatMuls.
 
@@ -684,10 +659,10 @@ def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLik
     MatMul per block, reported by the caller.
     """
     model = modelio.load_model(model_path)
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     try:
-        wr = _Writer(model, spill)
+        wr = WeightWriter(model, spill)
         downs = _down_linears(g)
         for k, node in enumerate(downs):
             w = _current_weight(wr, g, node)
@@ -700,7 +675,7 @@ def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLik
                 name, _ = _matmul_weight(g, node)
                 _set_weight(wr, g, node, _left(h.T, w, None), _use_count(g, name) > 1)
             node.input[0] = x_rot
-        _set_metadata(model, {"ttfsc.down_rotation": f"online hadamard seed={seed} blocks={len(downs)}"})
+        set_metadata(model, {"ttfsc.down_rotation": f"online hadamard seed={seed} blocks={len(downs)}"})
         _save(model, model_path, out_path)
     finally:
         spill.close()
@@ -711,10 +686,10 @@ def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLik
 
 def linear_inputs(model: onnx.ModelProto) -> list[str]:
     """First inputs of every MatMul with a weight initializer, in graph order, without repeats."""
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     names: list[str] = []
     for node in model.graph.node:
-        if g.weight_of(node) is not None and node.input[0] not in names and node.input[0] not in g.inits:
+        if weight_of(g, node) is not None and node.input[0] not in names and node.input[0] not in g.inits:
             names.append(node.input[0])
     return names
 
@@ -724,10 +699,10 @@ def smoothable_inputs(model: onnx.ModelProto) -> list[str]:
     1/s) and SwiGLU products (up_proj absorbs it). o_proj inputs are left out: no op before them
     can absorb a per-channel scale without touching the attention."""
     s = analyse(model)
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     names = [n.output for n in s.norms]
     for node in model.graph.node:
-        if g.weight_of(node) is None or node.input[0] in names:
+        if weight_of(g, node) is None or node.input[0] in names:
             continue
         with contextlib.suppress(TtfscError):
             _up_proj_of(g, node)
@@ -747,9 +722,7 @@ def channel_max(model_path: str | os.PathLike, feeds: Iterable[dict[str, np.ndar
     from ttfsc.runtime.session import session_from_model
     model = modelio.load_model(model_path)
     names = list(names) if names is not None else linear_inputs(model)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    sess = session_from_model(model)
+    sess = session_from_model(with_outputs(model, names))
     out: dict[str, np.ndarray] = {}
     for feed in feeds:
         for n, v in zip(names, sess.run(names, feed)):

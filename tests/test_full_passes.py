@@ -450,17 +450,15 @@ def test_kv_cache_on_another_grid_stays_a_neuron():
 
 def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
     """quantize --full -> compile: every decoder group is a neuron, verify 0 mismatches, Theorem 1 OK."""
-    import inspect as pyinspect
     from ttfsc.compiler.inspect import inspect_neurons
     from ttfsc.modelio import load_model
     from ttfsc.compiler.pipeline import compile_model
+    from ttfsc.quantizer.config import QuantConfig
     from ttfsc.quantizer.quantize import quantize_model
     from ttfsc.compiler.verify import verify
-    if "full" not in pyinspect.signature(quantize_model).parameters:
-        pytest.skip("quantize --full is not in this checkout")
     qdq, snn = tmp_path / "full.qdq.onnx", tmp_path / "full.snn.onnx"
-    quantize_model(tiny_llama_onnx, qdq, abits=6, full=True, calib_samples=1, calib_seqlen=16, prefix="none",
-                   log=lambda *a: None)
+    config = QuantConfig(abits=6, full=True, calib_samples=1, calib_seqlen=16, prefix="none")
+    quantize_model(tiny_llama_onnx, qdq, config, log=lambda *a: None)
     rep = compile_model(str(qdq), str(snn), "auto", log=lambda *a: None)  # kinds may have their own widths
     specs = [NeuronSpec.from_node(n) for n in load_model(snn).graph.node if is_neuron(n)]
     exps = [s for s in specs if s.target == "exp"]  # Optimum's mask is a Where of constants: gated tables

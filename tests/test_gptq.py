@@ -15,7 +15,9 @@ import pytest
 from ttfsc.cli import main
 from ttfsc.quantizer.gptq import Hessian, gptq_codes
 from ttfsc.modelio import load_model, tensor_value
-from ttfsc.quantizer.quantize import WEIGHT_BITS, self_generated, weight_codes, weight_scales
+from ttfsc.quantizer.calibration import self_generated
+from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig
+from ttfsc.quantizer.weights import weight_codes, weight_scales
 from ttfsc.compiler.verify import verify
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session
@@ -160,8 +162,7 @@ def test_gptq_with_full_is_refused(tiny_llama_onnx: Path, tmp_path: Path, capsys
 
 def test_default_weight_method_per_width():
     """No flag needed for the measured best: GPTQ at W4, RTN at W8 and in --full twins (no GPTQ hook there)."""
-    from ttfsc.quantizer.quantize import _resolve_weight_method
-    assert _resolve_weight_method(None, 4, False) == "gptq"
-    assert _resolve_weight_method(None, 8, False) == "rtn"
-    assert _resolve_weight_method(None, 4, True) == "rtn"
-    assert _resolve_weight_method("rtn", 4, False) == "rtn"
+    assert QuantConfig(wbits=4).weight_rounding == "gptq"
+    assert QuantConfig(wbits=8).weight_rounding == "rtn"
+    assert QuantConfig(wbits=4, full=True).weight_rounding == "rtn"
+    assert QuantConfig(wbits=4, weight_method="rtn").weight_rounding == "rtn"

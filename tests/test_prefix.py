@@ -15,7 +15,7 @@ import pytest
 
 from ttfsc.cli import main
 from ttfsc.errors import TtfscError
-from ttfsc.quantizer.quantize import OUTLIER_RATIO, outlier_hits
+from ttfsc.quantizer.prefix import OUTLIER_RATIO, outlier_hits
 from ttfsc.runtime.generate import PREFIX_FILE, Generator, Prefix
 from ttfsc.runtime.session import open_session
 

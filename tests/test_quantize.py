@@ -1,4 +1,4 @@
-"""Static PTQ to QDQ (quantizer/quantize.py), checked numerically against onnxruntime.
+"""Static PTQ to QDQ (the ttfsc.quantizer package), checked numerically against onnxruntime.
 
 The hand-built graph is a one-head attention block: two linears share their input (q/k style),
 a -inf causal mask is added to the scores, and two more linears follow (one reads the masked
@@ -18,7 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ttfsc import modelio
 from ttfsc.cli import main
 from ttfsc.errors import TtfscError
-from ttfsc.quantizer.quantize import activation_params, quantize_model
+from ttfsc.quantizer.config import QuantConfig
+from ttfsc.quantizer.quantize import quantize_model
+from ttfsc.quantizer.ranges import activation_params
 
 B, S, D, H, O = 2, 5, 8, 6, 4
 
@@ -87,7 +89,7 @@ def _quantize(tmp_path: Path, name: str = "q.onnx", external: bool = False, **kw
     src = _save(_attention_model(), tmp_path / ("src_ext.onnx" if external else "src.onnx"), external)
     out = tmp_path / name
     kw.setdefault("calib", _feeds(4))
-    summary = quantize_model(src, out, log=lambda *_: None, **kw)
+    summary = quantize_model(src, out, QuantConfig(**kw), log=lambda *_: None)
     return out, summary
 
 
@@ -301,7 +303,7 @@ def test_search_never_worse_than_minmax_and_clips_outliers(tmp_path):
 
 
 def test_search_range_scores_the_following_layer():
-    from ttfsc.quantizer.quantize import SEARCH_RATIOS, output_mse, search_range
+    from ttfsc.quantizer.ranges import SEARCH_RATIOS, output_mse, search_range
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 16)).astype(np.float32)
     x[3, 5] = 60.0  # one outlier stretches the minmax range 15-fold
@@ -373,20 +375,20 @@ def test_no_quantizable_matmul(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     src = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "relu.onnx")
     with pytest.raises(TtfscError, match="relu.onnx: no MatMul"):
-        quantize_model(src, tmp_path / "x.onnx", calib=[{"x": np.ones(2, np.float32)}], log=lambda *_: None)
+        quantize_model(src, tmp_path / "x.onnx", QuantConfig(calib=[{"x": np.ones(2, np.float32)}]), log=lambda *_: None)
     assert not (tmp_path / "x.onnx").exists()
 
 
 def test_bad_wbits_api(tmp_path):
     with pytest.raises(TtfscError, match="--wbits 6"):
-        quantize_model(tmp_path / "m.onnx", tmp_path / "x.onnx", wbits=6)
+        quantize_model(tmp_path / "m.onnx", tmp_path / "x.onnx", QuantConfig(wbits=6))
 
 
 # ---------------------------------------------------------------- end to end on a tiny LLaMA export
 
 def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
     """Logits of one whole sequence with an empty KV cache (what calibration feeds)."""
-    from ttfsc.quantizer.quantize import decoder
+    from ttfsc.quantizer.calibration import decoder
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not fuse_qdq:
@@ -398,8 +400,8 @@ def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarr
 def test_tiny_llama_w8a6_self_generated(tiny_llama_onnx, tmp_path):
     out = tmp_path / "qdq" / "model.onnx"
     lines: list[str] = []
-    summary = quantize_model(tiny_llama_onnx, out, wbits=8, abits=6, method="search", calib_samples=2,
-                             calib_seqlen=24, log=lines.append)
+    config = QuantConfig(wbits=8, abits=6, method="search", calib_samples=2, calib_seqlen=24)
+    summary = quantize_model(tiny_llama_onnx, out, config, log=lines.append)
     assert summary["weights"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert summary["activations"] == 2 * 4 + 1 and not summary["skipped"]
     assert summary["calibration"].startswith("self-generated: 2 x 24 tokens from BOS 1")
@@ -444,8 +446,8 @@ def test_rotate_and_smooth_before_quantizing(tiny_llama_onnx, tmp_path, rotate, 
     text = tmp_path / "calib.txt"
     text.write_text("Once upon a time there was a tiny model that liked to count spikes. " * 8)
     out = tmp_path / "q" / "model.onnx"
-    summary = quantize_model(tiny_llama_onnx, out, abits=8, calib=str(text), calib_samples=2, calib_seqlen=24,
-                             rotate=rotate, smooth=smooth, log=lambda s: None)
+    config = QuantConfig(abits=8, calib=str(text), calib_samples=2, calib_seqlen=24, rotate=rotate, smooth=smooth)
+    summary = quantize_model(tiny_llama_onnx, out, config, log=lambda s: None)
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
     assert meta["ttfsc.rotation"] == ("none" if rotate == "none" else f"{rotate} seed=0") == summary["rotation"]
     assert meta["ttfsc.smoothing"].startswith("alpha=0.5 tensors=7" if smooth else "none")
@@ -457,11 +459,44 @@ def test_rotate_and_smooth_before_quantizing(tiny_llama_onnx, tmp_path, rotate, 
 
 def test_rotate_and_smooth_options_are_checked(tiny_llama_onnx, tmp_path):
     with pytest.raises(TtfscError, match="--rotate"):
-        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", rotate="givens")
+        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", QuantConfig(rotate="givens"))
     with pytest.raises(TtfscError, match="--smooth"):
-        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", smooth=1.5)
+        quantize_model(tiny_llama_onnx, tmp_path / "x.onnx", QuantConfig(smooth=1.5))
 
 
 def test_default_smoothing_strength_depends_on_width():
-    from ttfsc.quantizer.quantize import DEFAULT_SMOOTH, LOW_BIT_SMOOTH, default_smooth
+    from ttfsc.quantizer.config import DEFAULT_SMOOTH, LOW_BIT_SMOOTH, default_smooth
     assert default_smooth(4) == LOW_BIT_SMOOTH > DEFAULT_SMOOTH == default_smooth(6) == default_smooth(8)
+
+
+# ---------------------------------------------------------------- one option list
+
+def test_cli_options_come_from_quant_config():
+    """quantize's and compile's options are QuantConfig's fields: every flag round-trips to the same config."""
+    import argparse
+    from dataclasses import fields
+    from ttfsc.compiler.pipeline import QUANT_OPTIONS
+    from ttfsc.quantizer.config import add_arguments, compile_options
+    quantize, compile_ = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_arguments(quantize, abits_default=6, full=True)
+    add_arguments(compile_)
+    assert QuantConfig.from_args(quantize.parse_args([])) == QuantConfig()
+    names = {f.name for f in fields(QuantConfig)}
+    assert set(vars(quantize.parse_args([]))) == names
+    assert set(vars(compile_.parse_args([]))) == set(compile_options()) == names - {"abits", "full", "window"}
+    assert QUANT_OPTIONS == compile_options()
+    argv = ["--wbits", "4", "--abits", "5", "--method", "minmax", "--abits-for", "mlp/Mul=8", "--smooth", "0.3",
+            "--full", "--window", "softmax=256", "--rotate", "none", "--calib-samples", "3"]
+    config = QuantConfig.from_args(quantize.parse_args(argv))
+    assert (config.wbits, config.abits, config.method, config.smooth, config.full) == (4, 5, "minmax", 0.3, True)
+    assert config.overrides == {"mlp/Mul": 8} and config.kind_windows["exp"] == 8 and config.bits("x/mlp/Mul") == 8
+    assert config.weight_rounding == "rtn" and config.calib_samples == 3
+
+
+@pytest.mark.parametrize("options,flag", [({"wbits": 6}, "--wbits"), ({"abits": 13}, "--abits"),
+                                          ({"method": "mse"}, "--method"), ({"weight_method": "x"}, "--weight-method"),
+                                          ({"window": ["softmax=256"]}, "--window"), ({"prefix": "a,b"}, "--prefix"),
+                                          ({"abits_for": ["x=1"]}, "--abits-for"), ({"calib_seqlen": 1}, "--calib-seqlen")])
+def test_config_check_names_the_option(options, flag):
+    with pytest.raises(TtfscError, match=flag):
+        QuantConfig(**options).check()

@@ -20,19 +20,21 @@ import pytest
 from onnx import numpy_helper
 
 from ttfsc.cli import main
+from ttfsc.graph import VALUE_CARRIERS, GraphIndex
+from ttfsc.quantizer.config import QuantConfig
+from ttfsc.quantizer.full import GROUPS_META, KV_META, activations, stage_groups
 from ttfsc.quantizer.quantize import quantize_model
-from ttfsc.quantizer.full import GROUPS_META, KV_META, PLUMBING, Graph, stage_groups
 from ttfsc.runtime.generate import Generator
 
 LAYERS = 2  # conftest TINY_CONFIG
 PER_BLOCK = {"residual": 2, "rmsnorm_ms": 2, "rsqrt": 2, "product": 5, "linear_out": 7, "rotary": 2, "silu": 1,
              "lse": 1, "sub": 1, "exp": 1, "kv": 2}
-FAST = dict(calib_samples=2, calib_seqlen=32, log=lambda *_: None)
+FAST = dict(calib_samples=2, calib_seqlen=32)
 PLAIN = dict(rotate="none", smooth=0.0, method="minmax", prefix="none")  # no transform: gamma stays in the graph
 
 
 def _quantize(src: Path, out: Path, **kw) -> tuple[Path, dict]:
-    summary = quantize_model(src, out, full=True, **{**FAST, **kw})
+    summary = quantize_model(src, out, QuantConfig(full=True, **{**FAST, **kw}), log=lambda *_: None)
     return out, summary
 
 
@@ -93,10 +95,11 @@ def test_quantizer_count_per_block(which, request):
 @pytest.mark.parametrize("which", ["full_default", "full_plain"])
 def test_every_block_op_is_in_a_group_with_per_tensor_boundaries(which, request):
     model = onnx.load(str(request.getfixturevalue(which)[0]))
-    inits, g, groups = _inits(model), Graph(model), stage_groups(model)
+    inits, g, groups = _inits(model), GraphIndex.live(model), stage_groups(model)
     covered = {id(n) for grp in groups for n in grp.nodes}
-    boundary = PLUMBING + ("Shape", "QuantizeLinear", "DequantizeLinear", "Clip")
-    left = [n.name for n in model.graph.node if n.output[0] in g.active and id(n) not in covered
+    boundary = VALUE_CARRIERS | {"Shape", "QuantizeLinear", "DequantizeLinear", "Clip"}
+    active = activations(g)
+    left = [n.name for n in model.graph.node if n.output[0] in active and id(n) not in covered
             and n.op_type not in boundary]
     assert left == ["/lm_head/MatMul"], "only lm_head (float logits) may stay outside a group"
     for grp in groups:
@@ -118,7 +121,7 @@ def test_group_contents(full_plain):
     ops = {}
     for grp in groups:
         if _block(grp.q.name) == "0":
-            ops.setdefault(grp.kind, []).append(sorted(n.op_type for n in grp.nodes if n.op_type not in PLUMBING))
+            ops.setdefault(grp.kind, []).append(sorted(n.op_type for n in grp.nodes if n.op_type not in VALUE_CARRIERS))
     assert ops["silu"] == [["Mul", "Sigmoid"]], "SiLU is one unary group"
     assert ops["rmsnorm_ms"] == [["Pow", "ReduceMean"]] * 2
     assert ops["rsqrt"] == [["Add", "Div", "Sqrt"]] * 2
@@ -134,7 +137,7 @@ def test_group_contents(full_plain):
 
 def _dq_outputs(model: onnx.ModelProto, kind: str) -> list[str]:
     kinds = json.loads({p.key: p.value for p in model.metadata_props}[GROUPS_META])
-    g = Graph(model)
+    g = GraphIndex.live(model)
     by_name = {n.name: n for n in model.graph.node}
     return [g.consumers[by_name[q].output[0]][0].output[0] for q, k in kinds.items() if k == kind]
 
@@ -205,7 +208,7 @@ def test_twin_tracks_float_and_wider_windows_track_closer(tiny_llama_onnx, tmp_p
 
 
 def test_window_softmax_changes_only_softmax_width(tiny_llama_onnx, full_plain, tmp_path):
-    _, summary = _quantize(tiny_llama_onnx, tmp_path / "w" / "model.onnx", windows=["softmax=1024"], **PLAIN)
+    _, summary = _quantize(tiny_llama_onnx, tmp_path / "w" / "model.onnx", window=["softmax=1024"], **PLAIN)
     base = full_plain[1]["ranges"]
     softmax = [t for t, r in summary["ranges"].items() if r["width"] in ("scores", "lse", "sub", "exp")]
     assert len(softmax) == 4 * LAYERS and all(summary["ranges"][t]["kind"] in ("product", "lse", "sub", "exp")
@@ -215,7 +218,7 @@ def test_window_softmax_changes_only_softmax_width(tiny_llama_onnx, full_plain, 
         assert t not in softmax or base[t]["levels"] < 1024
     assert summary["windows"]["exp"] == 1024 and summary["windows"]["silu"] == full_plain[1]["windows"]["silu"]
     model = onnx.load(str(tmp_path / "w" / "model.onnx"))
-    g = Graph(model)
+    g = GraphIndex.live(model)
     q_of = {g.producer[n.input[0]].input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert all(q_of[t].domain == "com.microsoft" for t in softmax), "10-bit codes travel as uint16 (contrib Q/DQ)"
 
@@ -236,7 +239,7 @@ def test_window_without_full_is_an_error(tiny_llama_onnx, tmp_path, capsys):
 # ---------------------------------------------------------------- range choices
 
 def test_softmax_tail_clipping_keeps_dropped_differences_at_code_zero():
-    from ttfsc.quantizer.quantize import activation_params, fake_quant
+    from ttfsc.quantizer.ranges import activation_params, fake_quant
     from ttfsc.quantizer.full import clip_softmax_tails
     rng = np.random.default_rng(0)
     for bits in (4, 6, 8):
@@ -254,7 +257,7 @@ def test_softmax_tail_clipping_keeps_dropped_differences_at_code_zero():
 
 
 def test_mse_range_is_never_worse_than_minmax_on_its_sample():
-    from ttfsc.quantizer.quantize import activation_params, fake_quant
+    from ttfsc.quantizer.ranges import activation_params, fake_quant
     from ttfsc.quantizer.full import mse_range
     x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     x[:2] = (30.0, -20.0)

@@ -14,8 +14,11 @@ from onnx import helper
 
 from ttfsc import modelio
 from ttfsc.errors import TtfscError
-from ttfsc.quantizer.rotate import (_Graph, _Writer, analyse, channel_max, gamma_value, linear_inputs,
-                                   rotate_model, rotation, smooth_model)
+from ttfsc.graph import GraphIndex
+from ttfsc.quantizer.config import QuantConfig
+from ttfsc.quantizer.rotate import (WeightWriter, analyse, channel_max, gamma_value, linear_inputs, rotate_model,
+                                   rotate_value_heads, rotation, smooth_model)
+from ttfsc.quantizer.transforms import wants_online_hadamard
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import open_session
 
@@ -44,8 +47,8 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
 def _gammas(path: Path) -> list[np.ndarray]:
     """The gain each RMSNorm of the model multiplies by, as the graph reads it now."""
     model = modelio.load_model(path)
-    wr = _Writer(model, None)
-    return [gamma_value(wr, _Graph(model), norm) for norm in analyse(model).norms]
+    wr = WeightWriter(model, None)
+    return [gamma_value(wr, GraphIndex.live(model), norm) for norm in analyse(model).norms]
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +74,12 @@ def test_rotation_preserves_logits(original: Path, tmp_path: Path, kind: str) ->
 
 def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Path) -> None:
     """The per-head V/O rotation must cancel through attention (incl. the KV cache step) on its own."""
-    from ttfsc.quantizer.rotate import _rotate_value_heads
     model = modelio.load_model(original)
-    g = _Graph(model)
+    g = GraphIndex.live(model)
     spill = modelio.SpillFile(tmp_path, "t")
     try:
-        wr = _Writer(model, spill)
-        assert _rotate_value_heads(g, wr, head_dim=16, seed=0) == 2
+        wr = WeightWriter(model, spill)
+        assert rotate_value_heads(g, wr, head_dim=16, seed=0) == 2
         modelio.save_model(model, tmp_path / "model.onnx")
     finally:
         spill.close()
@@ -89,7 +91,7 @@ def test_value_head_rotation_alone_preserves_logits(original: Path, tmp_path: Pa
 
 def test_online_down_rotation_preserves_logits(original: Path, tmp_path: Path) -> None:
     """x H before every down_proj with W' = H^T W is the identity up to rounding; quantize skips H."""
-    from ttfsc.quantizer.quantize import find_linears
+    from ttfsc.quantizer.qdq import find_linears
     from ttfsc.quantizer.rotate import ONLINE_TRANSFORM_SUFFIX, rotate_down_inputs
     out = tmp_path / "model.onnx"
     assert rotate_down_inputs(original, out, seed=1)["rotated"] == 2
@@ -196,12 +198,11 @@ def test_unrecognised_graph_raises(original: Path, tmp_path: Path) -> None:
 
 def test_online_hadamard_resolution() -> None:
     """auto follows the Hadamard rotation and stays out of --full twins; on + --full is refused."""
-    from ttfsc.quantizer.quantize import _resolve_online
-    assert _resolve_online("auto", "hadamard", full=False)
-    assert not _resolve_online("auto", "none", full=False)
-    assert not _resolve_online("auto", "hadamard", full=True)
-    assert _resolve_online("on", "none", full=False) and not _resolve_online("off", "hadamard", full=False)
+    assert wants_online_hadamard("auto", "hadamard", full=False)
+    assert not wants_online_hadamard("auto", "none", full=False)
+    assert not wants_online_hadamard("auto", "hadamard", full=True)
+    assert wants_online_hadamard("on", "none", full=False) and not wants_online_hadamard("off", "hadamard", full=False)
     with pytest.raises(TtfscError, match="--full"):
-        _resolve_online("on", "hadamard", full=True)
+        QuantConfig(online_hadamard="on", full=True).check()
     with pytest.raises(TtfscError, match="online-hadamard"):
-        _resolve_online("sometimes", "hadamard", full=False)
+        QuantConfig(online_hadamard="sometimes").check()
