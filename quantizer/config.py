@@ -11,11 +11,11 @@ option, not the model. Nothing here reads a model (no onnx), so building the CLI
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from ttfsc.errors import TtfscError
-from ttfsc.ttfs import MAX_BITS, MIN_BITS
+from ttfsc.ttfs import MAX_BITS, MIN_BITS, bits_for_window
 
 WEIGHT_BITS = {8: 127, 4: 7}  # wbits -> largest symmetric code
 WEIGHT_METHODS = ("rtn", "gptq")  # round to nearest, or GPTQ (quantizer/gptq.py) onto the same grid
@@ -151,7 +151,7 @@ class QuantConfig:
 
     def check(self) -> None:
         """Reject bad options before any file is read, so errors are about the option, not the model."""
-        _ = self.weight_rounding, self.overrides
+        _ = self.weight_rounding, self.overrides  # each raises on a bad --weight-method / --abits-for
         if self.wbits not in WEIGHT_BITS:
             raise TtfscError(f"--wbits {self.wbits} is not supported; use 8 or 4.")
         if not MIN_BITS <= self.abits <= MAX_BITS:
@@ -170,7 +170,7 @@ class QuantConfig:
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise TtfscError(f"--smooth {self.smooth_alpha} is outside [0, 1]; 0 turns smoothing off, SmoothQuant "
                              "uses 0.5.")
-        _ = self.prefix_mode, self.kind_windows
+        _ = self.prefix_mode, self.kind_windows  # each raises on a bad --prefix / --window
         self._check_online()
 
     def _check_online(self) -> None:
@@ -200,12 +200,6 @@ def add_arguments(parser: argparse.ArgumentParser, abits_default: int | None = N
 def compile_options() -> tuple[str, ...]:
     """The options ``ttfsc compile`` shares with ``ttfsc quantize`` and forwards when it quantizes first."""
     return tuple(f.name for f in fields(QuantConfig) if f.metadata["scope"] == SHARED)
-
-
-def default_of(name: str) -> Any:
-    """The default of option ``name`` (one place, also for callers that build their own CLI)."""
-    f = next(f for f in fields(QuantConfig) if f.name == name)
-    return None if f.default is MISSING else f.default
 
 
 # ---------------------------------------------------------------- parsing option values
@@ -259,10 +253,17 @@ def parse_windows(specs: Sequence[str] | None) -> dict[str, int]:
     for spec in specs or ():
         kind, sep, levels = spec.partition("=")
         kinds = WINDOW_ALIASES.get(kind, (kind,) if kind in valid else ())
-        n = int(levels) if levels.isdigit() else 0
-        bits = n.bit_length() - 1
-        if not sep or not kinds or n & (n - 1) or not MIN_BITS <= bits <= MAX_BITS:
+        bits = _window_bits(levels)
+        if not sep or not kinds or bits is None:
             raise TtfscError(f"--window {spec!r}: expected KIND=LEVELS with KIND one of {', '.join(valid)} and LEVELS "
                              f"a power of two in {1 << MIN_BITS}..{1 << MAX_BITS}, e.g. --window softmax=256.")
         out.update({k: bits for k in kinds})
     return out
+
+
+def _window_bits(levels: str) -> int | None:
+    """Bits of a window of ``levels`` slots (a power of two in the TTFS range), None if it is not one."""
+    try:
+        return bits_for_window(int(levels)) if levels.isdigit() else None
+    except ValueError:
+        return None
