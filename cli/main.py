@@ -1,4 +1,10 @@
-"""The ``ttfsc`` command: export, quantize, compile, verify, run, and the commands in COMMAND_MODULES.
+"""The ``ttfsc`` command: one table of commands (``commands()``), each a ``Command``.
+
+A command has its help line, a function that adds its arguments to its subparser and one that
+runs it. export, quantize, compile, verify and run are defined here (their work lives in the
+layers below and is imported only when the command runs, so ``ttfsc --help`` stays fast);
+eval, inspect, report and sweep are defined by their own modules, which hold HELP,
+add_arguments(parser) and cli(args) (``module_command``).
 
 Every user error surfaces as one line ``ttfsc: error: ...`` and exit status 2; an unexpected
 failure prints one line and exit status 3 (set TTFSC_DEBUG=1 to see the traceback).
@@ -9,8 +15,26 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ttfsc.errors import TtfscError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``ttfsc`` subcommand."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+def module_command(module: str) -> Command:
+    """A command defined by ``module``: HELP, add_arguments(parser), cli(args); its docstring describes it."""
+    mod = importlib.import_module(module)
+    return Command(mod.HELP, mod.add_arguments, mod.cli, mod.__doc__)
 
 
 def _add_quant_options(p: argparse.ArgumentParser, abits_default: int | None, full: bool = False) -> None:
@@ -29,25 +53,42 @@ def _window(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"-T {text!r}: give a power of two such as 64, or auto") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+# ---------------------------------------------------------------- export
 
-    p = sub.add_parser("export", help="export a LLaMA-family checkpoint to ONNX (text-generation with past)")
+def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Hugging Face folder, .gguf file, or llama2.c .bin")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (tokenizer is saved beside it)")
     p.add_argument("--tokenizer", help="llama2.c tokenizer.bin (default: tokenizer.bin beside SRC)")
 
-    p = sub.add_parser("quantize", help="static post-training quantization to a QDQ model (the QANN)")
+
+def export(args: argparse.Namespace) -> int:
+    from ttfsc.compiler.export import export_cli
+    return export_cli(args)
+
+
+# ---------------------------------------------------------------- quantize
+
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     _add_quant_options(p, abits_default=6, full=True)
 
-    p = sub.add_parser("compile", help="compile a QDQ (or float) model into a TTFS spiking model")
-    p.add_argument("model")
+
+def quantize(args: argparse.Namespace) -> int:
+    from ttfsc.quantizer.quantize import quantize_cli
+    return quantize_cli(args)
+
+
+# ---------------------------------------------------------------- compile
+
+def compile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="QDQ .onnx (from ttfsc quantize), or a float .onnx, which is quantized first "
+                   "with log2(T) activation bits")
     p.add_argument("-T", dest="T", type=_window, required=True,
                    help="time window (spike slots) per stage, 2^abits; 'auto' keeps each stage's own width (mixed windows)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True,
+                   help="output .onnx path of the spiking model (a float model's QANN is kept beside it as "
+                        "<output>.qann.onnx; tokenizer files are copied beside it)")
     p.add_argument("--requantize", action="store_true", help="accept a QDQ model whose width differs from log2(T) by re-gridding its activations (lossy)")
     p.add_argument("--json", action="store_true", help="print the per-pass report and TTFS stages as JSON")
     p.add_argument("--coding", choices=("ttfs", "rate"), default="ttfs",
@@ -60,65 +101,81 @@ def build_parser() -> argparse.ArgumentParser:
                         "model (perplexity): it is not bit-exact to any QANN and `ttfsc verify` does not apply")
     _add_quant_options(p, abits_default=None)
 
-    p = sub.add_parser("verify", help="check a spiking model against its quantized twin")
-    p.add_argument("qdq")
-    p.add_argument("snn")
-    p.add_argument("--text", help="also verify on this text file")
-    p.add_argument("--tokens", type=int, default=64, help="random tokens / greedy tokens to compare")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("run", help="generate text with a (spiking or not) ONNX model")
-    p.add_argument("model")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+def compile_(args: argparse.Namespace) -> int:
+    from ttfsc.compiler.pipeline import compile_cli
+    return compile_cli(args)
+
+
+# ---------------------------------------------------------------- verify
+
+def verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("qdq", help="the QDQ model (QANN) the spiking model was compiled from")
+    p.add_argument("snn", help="the spiking model made by ttfsc compile")
+    p.add_argument("--text", help="also verify on this text file")
+    p.add_argument("--tokens", type=int, default=64, help="random tokens / greedy tokens to compare (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (every stage's codes, logits, greedy tokens, spikes)")
+
+
+def verify(args: argparse.Namespace) -> int:
+    from ttfsc.compiler.verify import verify_cli
+    return verify_cli(args)
+
+
+# ---------------------------------------------------------------- run
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float, QDQ or spiking .onnx model (tokenizer beside it)")
+    p.add_argument("--prompt", default="", help="text to continue, after BOS (default: empty, BOS only)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="with --temperature > 0: sample from the smallest set of tokens whose probabilities sum "
+                        "to P; 1 = all tokens (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", action="store_true", help="print spike counts and latency per token")
-    for name, module in COMMAND_MODULES.items():
-        mod = importlib.import_module(module)
-        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttfsc.runtime.generate import run_cli
+    return run_cli(args)
+
+
+# ---------------------------------------------------------------- the table
+
+def commands() -> dict[str, Command]:
+    """Every ``ttfsc`` command, in the order ``ttfsc --help`` lists them."""
+    return {
+        "export": Command("export a LLaMA-family checkpoint to ONNX (text-generation with past)",
+                          export_arguments, export),
+        "quantize": Command("static post-training quantization to a QDQ model (the QANN)", quantize_arguments,
+                            quantize),
+        "compile": Command("compile a QDQ (or float) model into a TTFS spiking model", compile_arguments, compile_),
+        "verify": Command("check a spiking model against its quantized twin", verify_arguments, verify),
+        "run": Command("generate text with a (spiking or not) ONNX model", run_arguments, run),
+        "eval": module_command("ttfsc.analysis.evaluate"),
+        "inspect": module_command("ttfsc.compiler.inspect"),
+        "report": module_command("ttfsc.analysis.report"),
+        "sweep": module_command("ttfsc.analysis.sweep"),
+    }
+
+
+def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, cmd in (table or commands()).items():
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.description))
     return ap
 
 
-# Commands that own their arguments: each module defines HELP, add_arguments(parser) and cli(args).
-# Keep heavy imports inside those modules' functions so that `ttfsc --help` stays fast.
-COMMAND_MODULES: dict[str, str] = {
-    "eval": "ttfsc.analysis.evaluate",
-    "inspect": "ttfsc.compiler.inspect",
-    "report": "ttfsc.analysis.report",
-    "sweep": "ttfsc.analysis.sweep",
-}
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.cmd == "export":
-        from ttfsc.compiler.export import export_cli
-        return export_cli(args)
-    if args.cmd == "quantize":
-        from ttfsc.quantizer.quantize import quantize_cli
-        return quantize_cli(args)
-    if args.cmd == "compile":
-        from ttfsc.compiler.pipeline import compile_cli
-        return compile_cli(args)
-    if args.cmd == "verify":
-        from ttfsc.compiler.verify import verify_cli
-        return verify_cli(args)
-    if args.cmd == "run":
-        from ttfsc.runtime.generate import run_cli
-        return run_cli(args)
-    if args.cmd in COMMAND_MODULES:
-        return importlib.import_module(COMMAND_MODULES[args.cmd]).cli(args)
-    raise TtfscError(f"unknown command {args.cmd}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    table = commands()
+    args = build_parser(table).parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        return int(_dispatch(args) or 0)
+        return int(table[args.cmd].run(args) or 0)
     except TtfscError as exc:
         print(f"ttfsc: error: {exc}", file=sys.stderr)
         return 2
@@ -130,5 +187,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ttfsc: internal error: {exc.__class__.__name__}: {exc} (set TTFSC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
-
-

@@ -28,6 +28,7 @@ from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, attrs, emit_spec, stage_
 from ttfsc.errors import TtfscError
 from ttfsc.graph import drop_metadata, set_metadata
 from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
+from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.passes.qdq_to_emit import WindowMismatch
 from ttfsc.passes.registry import PassOptions, run_pipeline
 from ttfsc.quantizer.config import QuantConfig, compile_options
@@ -35,6 +36,7 @@ from ttfsc.ttfs import CODINGS, NEURONS, bits_for_window
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
+    """Whether the model quantizes activations (a QANN): a float model must be quantized first."""
     inits = {t.name for t in model.graph.initializer}
     return any(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
 
@@ -98,7 +100,6 @@ def stages(model: onnx.ModelProto) -> list[dict]:
 
 def _neuron_entry(n: onnx.NodeProto) -> dict:
     """What kind of neuron a stage is (TTFSNeuron) or what an emission is for (a KV past encoder)."""
-    from ttfsc.runtime.neuron import NeuronSpec, is_neuron
     if is_neuron(n):
         spec = NeuronSpec.from_node(n)
         return {"neuron": spec.kind, "target": spec.target, "fan_in": spec.fan_in}
