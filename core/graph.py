@@ -15,24 +15,51 @@ from ttfsc.modelio import Initializers
 
 
 class GraphIndex:
-    """Producer/consumer maps of a graph, kept current by the edit helpers below."""
+    """Producer/consumer maps of a graph, kept current by the edit helpers below.
 
-    def __init__(self, model: onnx.ModelProto):
+    ``detached`` (the default, for passes): the index holds copies of the nodes, edits them and
+    writes the list back with ``commit``, so a rule that gives up leaves the model untouched.
+    ``detached=False`` (``GraphIndex.live``, for the quantizer): the index hands out the model's
+    own nodes, for code that rewires inputs in place and adds nodes to the graph itself; such an
+    index must not ``replace_node``, ``remove_nodes`` or ``commit``.
+    """
+
+    def __init__(self, model: onnx.ModelProto, detached: bool = True):
         self.model = model
         self.graph = model.graph
         self.inits = Initializers(model)
         self.graph_outputs = {o.name for o in self.graph.output}
-        self.nodes: list[onnx.NodeProto] = []
-        for n in self.graph.node:  # detached copies: identity stays stable while we edit
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            self.nodes.append(c)
+        self._nodes: list[onnx.NodeProto] = [_copy(n) for n in self.graph.node] if detached else list(self.graph.node)
+        # edits are recorded and applied in one sweep when the node list is next read: rewriting
+        # every quantizer of a real model would otherwise search and rebuild the list per edit
+        self._pending: dict[int, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}  # id -> (node, what it became)
         self.rebuild()
+
+    @classmethod
+    def live(cls, model: onnx.ModelProto) -> "GraphIndex":
+        """An index over the graph's own nodes, not detached copies (see the class docstring)."""
+        return cls(model, detached=False)
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        """The current node list, in graph order, with every recorded edit applied."""
+        if self._pending:
+            self._nodes = [m for n in self._nodes for m in self._expand(n)]
+            self._pending.clear()
+        return self._nodes
+
+    def _expand(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """What ``node`` became: itself, its replacements (recursively), or nothing if removed."""
+        edit = self._pending.get(id(node))
+        if edit is None:
+            return [node]
+        return [m for n in edit[1] for m in self._expand(n)]
 
     def commit(self) -> None:
         """Write the edited node list back into the graph."""
+        nodes = self.nodes
         del self.graph.node[:]
-        self.graph.node.extend(self.nodes)
+        self.graph.node.extend(nodes)
 
     def rebuild(self) -> None:
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -67,35 +94,17 @@ class GraphIndex:
     def replace_node(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
         """Put ``new`` where ``old`` was (keeps topological order when inputs precede old).
 
-        The maps are updated incrementally: a full rebuild per edit is quadratic on real models.
+        The maps are updated at once; the node list when it is next read.
         """
-        pos = next(i for i, n in enumerate(self.nodes) if n is old)
-        self.nodes[pos:pos + 1] = new
+        self._pending[id(old)] = (old, list(new))  # the node is kept alive, so its id stays its own
         self._unlink(old)
         for n in new:
             self._link(n)
 
     def remove_nodes(self, dead: list[onnx.NodeProto]) -> None:
-        ids = {id(n) for n in dead}
-        self.nodes = [n for n in self.nodes if id(n) not in ids]
         for n in dead:
+            self._pending[id(n)] = (n, [])
             self._unlink(n)
-
-    @classmethod
-    def live(cls, model: onnx.ModelProto) -> "GraphIndex":
-        """An index over the graph's own nodes, not detached copies.
-
-        For code that edits fields of existing nodes in place (the quantizer rewires inputs and
-        renames outputs) and adds nodes to the graph itself: what the index hands out are the
-        model's nodes. Such an index must not ``replace_node``, ``remove_nodes`` or ``commit``.
-        """
-        index = cls.__new__(cls)
-        index.model, index.graph = model, model.graph
-        index.inits = Initializers(model)
-        index.graph_outputs = {o.name for o in model.graph.output}
-        index.nodes = list(model.graph.node)
-        index.rebuild()
-        return index
 
     def readers(self, name: str) -> list[onnx.NodeProto]:
         """Consumers that use the values of ``name`` (a Shape reads only its dimensions)."""
@@ -139,6 +148,13 @@ class GraphIndex:
                 return name
             t = users[0].output[0]
         return t
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A detached copy: its identity stays stable while the index edits the list around it."""
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    return c
 
 
 # ---------------------------------------------------------------- op vocabularies
