@@ -193,15 +193,3 @@ def qann_energy(c: Counts, e: EnergyConstants) -> dict[str, float]:
         "activation storage/routing (n bits each)": c.move_bits * e.e_bit,
         "static": 0.0,
     }
-
-
-def clipping_term(x: np.ndarray, a: float, b: float) -> tuple[float, float]:
-    """Theorem 3's clipping error measured on ``x``: mean distance to [a, b] and the share outside."""
-    x = np.asarray(x, dtype=np.float64)
-    d = np.maximum(x - b, 0.0) + np.maximum(a - x, 0.0)
-    return float(d.mean()) if d.size else 0.0, float(np.count_nonzero(d) / max(d.size, 1))
-
-
-def grid_terms(step: float) -> tuple[float, float]:
-    """Theorem 3's grid error of one step: worst case step/2, RMS of a uniform error step/sqrt(12)."""
-    return step / 2.0, step / math.sqrt(12.0)

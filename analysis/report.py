@@ -32,7 +32,7 @@ from onnx import helper
 
 from ttfsc.analysis.energy import (
     Counts, EnergyConstants, INT_PRICES, E_AC_PJ, E_BIT_PJ, E_MAC_PJ, E_MUL_PJ, E_STATIC_PJ, REDUCE_OPS,
-    FLOAT_OP_COST, bits_per_spike, clipping_term, dense_macs, float_op_macs, grid_terms, neuron_fan_in,
+    FLOAT_OP_COST, bits_per_spike, dense_macs, float_op_macs, neuron_fan_in,
     neuron_synaptic, neuron_updates, qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
 from ttfsc.dialect import (CODING_OF_EMIT, RATE_RECEIVE, RECEIVE, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
                            emit_spec, stage_steps)
@@ -40,7 +40,7 @@ from ttfsc.errors import TtfscError
 from ttfsc.graph import with_outputs
 from ttfsc.modelio import Initializers, load_model, model_dir
 from ttfsc.neuron import NeuronSpec, is_neuron
-from ttfsc.ttfs import DOMAIN, decode_counts, decode_times, emit_ramp, receive_bias
+from ttfsc.ttfs import DOMAIN, clipping_term, decode_counts, decode_times, emit_ramp, grid_terms, receive_bias
 
 HELP = "markdown report with plots: latency, spikes, AC/MAC counts, energy vs the QANN, error vs Theorem 3"
 CONTINUOUS_T = (4096, 8192)   # TTFSFormer-style continuous-time conversion, for comparison

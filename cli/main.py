@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ttfsc.errors import TtfscError
+from ttfsc.ttfs import CODINGS, NEURONS
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,10 @@ def compile_arguments(p: argparse.ArgumentParser) -> None:
                         "<output>.qann.onnx; tokenizer files are copied beside it)")
     p.add_argument("--requantize", action="store_true", help="accept a QDQ model whose width differs from log2(T) by re-gridding its activations (lossy)")
     p.add_argument("--json", action="store_true", help="print the per-pass report and TTFS stages as JSON")
-    p.add_argument("--coding", choices=("ttfs", "rate"), default="ttfs",
+    p.add_argument("--coding", choices=CODINGS, default="ttfs",
                    help="ttfs: at most one spike per neuron (default); rate: the SpikeLLM-style baseline, "
                         "an integrate-and-fire neuron counting up to T-1 spikes over T-1 steps (same QANN codes)")
-    p.add_argument("--neuron", choices=("qc", "continuous"), default="qc",
+    p.add_argument("--neuron", choices=NEURONS, default="qc",
                    help="qc: QC-A2S neurons, bit-exact to the QANN (default); continuous: the TTFSFormer-style "
                         "baseline from a FLOAT model (Eq. 4 kernels on min/max float ranges, tau = T/(b-a), float "
                         "weights, -T 16..8192); it floors each activation onto T levels, so compare it with the FP "

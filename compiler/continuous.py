@@ -26,13 +26,19 @@ from ttfsc.dialect import ContinuousEmitSpec, emit_spec
 from ttfsc.errors import TtfscError
 from ttfsc.modelio import load_model
 from ttfsc.passes.registry import PassOptions
+from ttfsc.quantizer.config import compile_options
 from ttfsc.quantizer.qdq import activation_names, find_linears
 from ttfsc.quantizer.ranges import calibrate_model
 from ttfsc.runtime.generate import PREFIX_META
 from ttfsc.ttfs import continuous_window
 
-#: options of `ttfsc compile` that the QANN path uses but this baseline does not
-QANN_ONLY = ("wbits", "method", "percentile", "prefix", "rotate", "rotate_seed", "smooth", "abits_for")
+#: the quantization options of `ttfsc compile` this baseline reads (its float ranges come from calibration text)
+CALIBRATION_OPTIONS = ("calib", "calib_samples", "calib_seqlen")
+
+
+def qann_only_options() -> tuple[str, ...]:
+    """The options of `ttfsc compile` that only the QANN path uses: said aloud when the baseline ignores them."""
+    return tuple(o for o in compile_options() if o not in CALIBRATION_OPTIONS)
 
 
 def check_window(T: int | str) -> int:
@@ -96,7 +102,7 @@ class ContinuousCompile:
             raise TtfscError(f"{model_path} is a QDQ model; --neuron continuous converts the float model "
                              "(its ranges come from min/max of float activations). Give the float .onnx.")
         self.log(f"ttfsc: continuous-kernel baseline at T={self.T}: min/max ranges of the float model, float "
-                 f"weights (quantization options {', '.join(QANN_ONLY)} do not apply); compare with the FP model, "
+                 f"weights (quantization options {', '.join(qann_only_options())} do not apply); compare with the FP model, "
                  "not with verify.")
         opts = self.quant_options
         ranges = float_ranges(model_path, opts.get("calib"), opts.get("calib_samples", 8),

@@ -1,7 +1,10 @@
 """ttfsc: compile quantized LLMs into time-to-first-spike spiking networks (QC-A2S).
 
-Subpackages: ``ttfsc.compiler`` (CLI, pipeline, quantizer, export), ``ttfsc.passes``
-(one graph rewrite per module), ``ttfsc.runtime`` (TTFS op kernels and sessions).
-``ttfsc.ttfs`` is the one module holding the TTFS math; ``ttfsc.simulator`` steps Eq. (7).
+The modules directly in this package are the ground floor, importing nothing above them:
+``ttfsc.ttfs`` (every TTFS formula), ``ttfsc.simulator`` (Eq. (7) stepped one time step at a
+time), ``ttfsc.graph`` (the graph toolkit), ``ttfsc.modelio`` (model files), ``ttfsc.errors``,
+``ttfsc.dialect`` and ``ttfsc.neuron`` (the ``ai.ttfsc`` operators). Above them, arrows pointing
+down only (docs/architecture.md): ``ttfsc.runtime``, then ``ttfsc.passes`` and
+``ttfsc.quantizer``, then ``ttfsc.compiler``, ``ttfsc.analysis`` and the command line ``ttfsc.cli``.
 """
 __version__ = "0.1.0"

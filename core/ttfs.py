@@ -61,6 +61,7 @@ count ``c`` has ``c - z`` even (ONNX's round-half-to-even); ``"half_up"`` is the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -557,6 +558,20 @@ def output_kernels(h_inv: Callable[[np.ndarray], np.ndarray], b: float, step: fl
     """
     b_half = rounding_top(b, step)
     return theorem2_psi(h_inv, b_half, step, N), theorem2_theta(h_inv, b_half)
+
+
+# ---------------------------------------------------------------- Theorem 3: the error terms
+
+def clipping_term(x: np.ndarray, a: float, b: float) -> tuple[float, float]:
+    """Theorem 3's clipping error measured on ``x``: mean distance to [a, b] and the share outside."""
+    x = np.asarray(x, dtype=np.float64)
+    d = np.maximum(x - b, 0.0) + np.maximum(a - x, 0.0)
+    return float(d.mean()) if d.size else 0.0, float(np.count_nonzero(d) / max(d.size, 1))
+
+
+def grid_terms(step: float) -> tuple[float, float]:
+    """Theorem 3's grid error of one step: worst case step/2, RMS of a uniform error step/sqrt(12)."""
+    return step / 2.0, step / math.sqrt(12.0)
 
 
 # ---------------------------------------------------------------- the quantizer's grid

@@ -426,7 +426,7 @@ def clip_softmax_tails(ranges: dict[str, tuple[float, float]], softmaxes: Sequen
     """
     for sm in softmaxes:
         s, lse, d, p = sm["s"], sm["lse"], sm["d"], sm["p"]
-        n_p = (1 << width[p]) - 1
+        n_p = window_for_bits(width[p]) - 1
         floor_d = float(np.log(0.25 * ranges[p][1] / n_p))
         ranges[d] = (max(ranges[d][0], floor_d), ranges[d][1])
         floor_s = ranges[lse][0] + floor_d - float(np.log(TAIL_POSITIONS))

@@ -135,11 +135,11 @@ class Llama2cTokenizer:
         return len(self.pieces)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self._initial_ids(text)
+        ids = self.initial_ids(text)
         ids = self._merge(ids)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def _initial_ids(self, text: str) -> list[int]:
+    def initial_ids(self, text: str) -> list[int]:
         """Dummy-space prefix, then one id per UTF-8 character (or per byte when unknown)."""
         if not text:
             return []

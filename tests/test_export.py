@@ -115,7 +115,7 @@ def tokenizer_bin(tmp_path: Path) -> Path:
 
 def _run_c_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
     """run.c's quadratic merge loop, as an independent reference for the heap version."""
-    ids = tok._initial_ids(text)
+    ids = tok.initial_ids(text)
     while True:
         best, best_i, best_id = -1e10, -1, -1
         for i in range(len(ids) - 1):
