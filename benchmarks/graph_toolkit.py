@@ -29,6 +29,7 @@ median over the reps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -49,34 +50,41 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+class Steps:
+    """Wall time of each step of one child, and its peak RSS when the step ends (``with steps("load"): ...``)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.rss: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name], self.rss[name] = time.perf_counter() - t0, _rss_mb()
+
+
 # ====================================================================== ttfsc's own toolkit
 
 def child_ttfsc(qdq: str, T: int, out: str) -> dict:
-    times, rss = {}, {}
-    t0 = time.perf_counter()
-    import onnx
+    step = Steps()
+    with step("import"):
+        import onnx
 
-    from ttfsc.modelio import load_model, save_model
-    from ttfsc.passes.dead_code import DeadCode
-    from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
-    from ttfsc.passes.qdq_to_emit import QdqToEmit
-    times["import"], rss["import"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    model = load_model(qdq)
-    times["load"], rss["load"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    reports = [p.run(model).as_dict() for p in (QdqToEmit(T), DecodeMatMulToReceivePass(), DeadCode())]
-    if not any(o.domain == DOMAIN for o in model.opset_import):  # as compiler/pipeline.run_passes does
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    times["compile"], rss["compile"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    save_model(model, out)
-    times["save"], rss["save"] = time.perf_counter() - t0, _rss_mb()
+        from ttfsc.modelio import load_model, save_model
+        from ttfsc.passes.dead_code import DeadCode
+        from ttfsc.passes.decode_matmul_to_receive import DecodeMatMulToReceivePass
+        from ttfsc.passes.qdq_to_emit import QdqToEmit
+    with step("load"):
+        model = load_model(qdq)
+    with step("compile"):
+        reports = [p.run(model).as_dict() for p in (QdqToEmit(T), DecodeMatMulToReceivePass(), DeadCode())]
+        if not any(o.domain == DOMAIN for o in model.opset_import):  # as compiler/pipeline.run_passes does
+            model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    with step("save"):
+        save_model(model, out)
     counts = {r["pass"]: r["rewritten"] for r in reports}
-    return {"times": times, "rss": rss, "rewritten": counts, "nodes": len(model.graph.node)}
+    return {"times": step.times, "rss": step.rss, "rewritten": counts, "nodes": len(model.graph.node)}
 
 
 # ====================================================================== the onnxscript prototype
@@ -92,14 +100,11 @@ def build_ir_rules(T: int | None, requantize: bool = False):
     import onnx_ir as ir
     from onnxscript.rewriter import RewriteRuleClassBase, RewriteRuleSet
 
-    from ttfsc.dialect import EmitSpec, emit_spec
+    from ttfsc.dialect import EmitSpec, code_range, emit_spec
     from ttfsc.passes.qdq_to_emit import WindowMismatch
-    from ttfsc.ttfs import UniformStage, bits_for_window, requantize_params
+    from ttfsc.ttfs import UniformStage, bits_for_window, code_of_bound, requantize_params
 
     skipped: list[tuple[str, str, str]] = []
-    # codes a zero point's type allows (ttfsc keeps this table privately; it moves between modules)
-    code_range = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
-                  onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
 
     def init_array(v):
         """Value of an initializer (memory-mapped if external), None for anything else.
@@ -184,11 +189,11 @@ def build_ir_rules(T: int | None, requantize: bool = False):
                 if dq.op_type != "DequantizeLinear" or dq.domain != "" or not self._same_params(q, dq):
                     return f"consumer {dq.name} is not a DequantizeLinear with the same scale/zero point"
             scale_f, zp_i = float(scale.reshape(())), int(zp.reshape(()))
-            qmin, qmax = code_range.get(qz.const_value.dtype.value, (0, 255))
+            qmin, qmax = code_range(qz.const_value.dtype.value)  # ttfsc's table and rounding, on IR values
             if clip is not None:
                 lo_v, hi_v = (float(init_array(v).reshape(())) for v in clip.inputs[1:3])
-                qmin = max(qmin, int(np.rint(np.float32(lo_v) / np.float32(scale_f))) + zp_i)
-                qmax = min(qmax, int(np.rint(np.float32(hi_v) / np.float32(scale_f))) + zp_i)
+                qmin = max(qmin, code_of_bound(lo_v, scale_f, zp_i))
+                qmax = min(qmax, code_of_bound(hi_v, scale_f, zp_i))
             T_src = qmax - qmin + 1
             try:
                 bits_for_window(T_src)
@@ -299,34 +304,24 @@ def compile_ir(model, T: int | None) -> dict:
 
 
 def child_onnxscript(qdq: str, T: int, out: str) -> dict:
-    times, rss = {}, {}
-    t0 = time.perf_counter()
-    import onnx_ir as ir
-    import onnxscript.rewriter  # noqa: F401 - import cost belongs to this variant
+    step = Steps()
+    with step("import"):
+        import onnx_ir as ir
+        import onnxscript.rewriter  # noqa: F401 - import cost belongs to this variant
 
-    import ttfsc.dialect  # noqa: F401 - the specs the prototype reuses
-    times["import"], rss["import"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    model = ir.load(qdq)
-    times["load"], rss["load"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    info = compile_ir(model, T)
-    times["compile"], rss["compile"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    ir.save(model, out, external_data=Path(out).name + ".data", size_threshold_bytes=1025)
-    times["save"], rss["save"] = time.perf_counter() - t0, _rss_mb()
-
-    t0 = time.perf_counter()
-    proto = ir.serde.serialize_model(model)  # ir.to_proto
-    times["to_proto"], rss["to_proto"] = time.perf_counter() - t0, _rss_mb()
-    t0 = time.perf_counter()
-    back = ir.serde.deserialize_model(proto)  # ir.from_proto
-    times["from_proto"], rss["from_proto"] = time.perf_counter() - t0, _rss_mb()
+        import ttfsc.dialect  # noqa: F401 - the specs the prototype reuses
+    with step("load"):
+        model = ir.load(qdq)
+    with step("compile"):
+        info = compile_ir(model, T)
+    with step("save"):
+        ir.save(model, out, external_data=Path(out).name + ".data", size_threshold_bytes=1025)
+    with step("to_proto"):
+        proto = ir.serde.serialize_model(model)  # ir.to_proto
+    with step("from_proto"):
+        back = ir.serde.deserialize_model(proto)  # ir.from_proto
     assert len(back.graph) == len(model.graph)
-    return {"times": times, "rss": rss, "rewritten": info["rewritten"], "skipped": info["skipped"],
+    return {"times": step.times, "rss": step.rss, "rewritten": info["rewritten"], "skipped": info["skipped"],
             "nodes": len(model.graph)}
 
 

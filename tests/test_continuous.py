@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
+from graphs import ttfs_model
 from ttfsc import simulator as sim
 from ttfsc.cli import main
 from ttfsc.compiler.pipeline import compile_model
@@ -20,16 +21,9 @@ from ttfsc.passes.qdq_to_continuous import ActivationsToContinuous
 from ttfsc.runtime.generate import Generator
 from ttfsc.dialect import CONT_DECODE, CONT_EMIT, RECEIVE, ContinuousEmitSpec
 from ttfsc.runtime.session import open_session
-from ttfsc.ttfs import DOMAIN, DOMAIN_VERSION, ContinuousStage, time_dtype
+from ttfsc.ttfs import DOMAIN, ContinuousStage, time_dtype
 
 QUICK_CALIB = {"calib_samples": 2, "calib_seqlen": 32}
-
-
-def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
-    g = h.make_graph(nodes, "cont", inputs, outputs, list(inits))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, DOMAIN_VERSION)])
-    m.ir_version = 9
-    return m
 
 
 def _off_grid_inputs(st: ContinuousStage, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -54,10 +48,10 @@ def test_emission_is_floor_quantizer(T):
     rng = np.random.default_rng(T)
     st = ContinuousStage.from_range(-1.7 + rng.random(), 2.3 + rng.random(), T)
     spec = ContinuousEmitSpec.from_stage(st, source_tensor="x")
-    m = _model([spec.make_node("x", "t", "emit"), spec.make_decode("t", "y", "decode")],
-               [h.make_tensor_value_info("x", TP.FLOAT, [None])],
-               [h.make_tensor_value_info("t", TP.UINT16 if T > 256 else TP.UINT8, [None]),
-                h.make_tensor_value_info("y", TP.FLOAT, [None])])
+    m = ttfs_model([spec.make_node("x", "t", "emit"), spec.make_decode("t", "y", "decode")],
+                   [h.make_tensor_value_info("x", TP.FLOAT, [None])],
+                   [h.make_tensor_value_info("t", TP.UINT16 if T > 256 else TP.UINT8, [None]),
+                    h.make_tensor_value_info("y", TP.FLOAT, [None])])
     mids = np.float64(st.a) + (np.arange(T) + 0.5) * np.float64(st.step)  # one input per level
     x = np.concatenate([_off_grid_inputs(st, rng, 4000), mids.astype(np.float32)])
     t, y = open_session(m).run(["t", "y"], {"x": x})
@@ -77,9 +71,9 @@ def test_simulator_agrees_with_runtime(T):
     st = ContinuousStage.from_range(-0.8, 1.9, T)
     I, O, M = 12, 5, 300
     W = rng.standard_normal((I, O)).astype(np.float32)
-    m = _model([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
-               [h.make_tensor_value_info("x", TP.FLOAT, [M, I])], [h.make_tensor_value_info("y", TP.FLOAT, [M, O])],
-               [nh.from_array(W, "W")])
+    m = ttfs_model([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                   [h.make_tensor_value_info("x", TP.FLOAT, [M, I])], [h.make_tensor_value_info("y", TP.FLOAT, [M, O])],
+                   [nh.from_array(W, "W")])
     ActivationsToContinuous(T, {"x": (st.a, st.b)}).run(m)
     DecodeMatMulToReceivePass().run(m)
     ops = [n.op_type for n in m.graph.node]

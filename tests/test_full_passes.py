@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
-from ttfsc.compiler.pipeline import run_passes, stages
+from graphs import onnx_model, quantized_linear_model
+from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages
 from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.dialect import DECODE, EMIT
 from ttfsc.runtime.session import open_session
@@ -61,11 +62,8 @@ class Builder:
         return self.op("DequantizeLinear", [q, s, zp], f"{name}_dq", **kw)
 
     def model(self, outputs: list[str]) -> onnx.ModelProto:
-        g = h.make_graph(self.nodes, "full", self.inputs, [h.make_empty_tensor_value_info(o) for o in outputs],
-                         self.inits)
-        m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
-        m.ir_version = 9
-        return m
+        return onnx_model(self.nodes, self.inputs, [h.make_empty_tensor_value_info(o) for o in outputs], self.inits,
+                          "full", (("", 18), ("com.microsoft", 1)))
 
 
 def _run(model: onnx.ModelProto, feeds: dict, outputs: list[str]) -> list[np.ndarray]:
@@ -236,6 +234,14 @@ def neurons(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if is_neuron(n)]
 
 
+def one_neuron(qann: onnx.ModelProto, T: int) -> tuple[onnx.ModelProto, onnx.NodeProto, NeuronSpec]:
+    """``qann`` compiled at T: the model, its one TTFSNeuron (there must be exactly one), that neuron's spec."""
+    snn, _ = compile_full(qann, T)
+    ns = neurons(snn)
+    assert len(ns) == 1, [n.op_type for n in snn.graph.node]
+    return snn, ns[0], NeuronSpec.from_node(ns[0])
+
+
 def assert_bit_exact(qann: onnx.ModelProto, snn: onnx.ModelProto, feeds: dict, out: str) -> None:
     ref = _run(qann, feeds, [out])[0]
     got = open_session(snn).run([out], feeds)[0]
@@ -249,10 +255,7 @@ def assert_bit_exact(qann: onnx.ModelProto, snn: onnx.ModelProto, feeds: dict, o
 @pytest.mark.parametrize("bits", [4, 6])
 def test_elementwise_neuron_bit_exact(kind, bits):
     qann, feeds, out = build(kind, bits)
-    snn, reports = compile_full(qann, 1 << bits)
-    ns = neurons(snn)
-    assert len(ns) == 1, [n.op_type for n in snn.graph.node]
-    spec = NeuronSpec.from_node(ns[0])
+    snn, _, spec = one_neuron(qann, 1 << bits)
     assert spec.kind == "elementwise" and spec.target == kind and len(spec.table) == 1 << bits
     # the group's float ops are gone: only the neuron (a Gather at run time), emissions and decodes
     assert {n.op_type for n in snn.graph.node} <= {EMIT, DECODE, "TTFSNeuron"}
@@ -267,10 +270,7 @@ def test_elementwise_neuron_bit_exact(kind, bits):
 @pytest.mark.parametrize("bits", [4, 6])
 def test_group_neuron_bit_exact(group, bits):
     qann, feeds, out = build(group, bits, seed=bits)
-    snn, reports = compile_full(qann, 1 << bits)
-    ns = neurons(snn)
-    assert len(ns) == 1, [n.op_type for n in snn.graph.node]
-    spec = NeuronSpec.from_node(ns[0])
+    snn, _, spec = one_neuron(qann, 1 << bits)
     assert (spec.kind, spec.target) == EXPECTED[group]
     assert not spec.table  # multi-input (or masked) neurons run their QANN body
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in snn.graph.node)
@@ -293,25 +293,29 @@ def _exp_gated(b: Builder, lo: str | float = -np.inf) -> str:
     return b.op("Exp", [b.op("Add", [_act(b, "d", (B, H, S, K), -8, 0), _where_mask(b, lo)], "dm")], "p")
 
 
-@pytest.mark.parametrize("lo", [-np.inf, float(np.finfo(np.float32).min)])
-@pytest.mark.parametrize("bits", [4, 6])
-def test_masked_exp_becomes_gated_table(lo, bits):
-    """exp(d + mask) with mask in {0, lo} (proved from the graph): a table plus an inhibitory gate."""
+def assert_gated_exp(bits: int, lo: float = -np.inf) -> np.ndarray:
+    """exp(d + mask), mask in {0, lo}, compiled at 2^bits slots: one exp table neuron with an
+    inhibitory gate, bit-exact, whose masked positions fire at the gate's time. Returns its spike times."""
     b = Builder(bits, seed=bits)
     out = _out_stage(b, _exp_gated(b, lo))
     qann = b.model([out])
-    snn, _ = compile_full(qann, 1 << bits)
-    ns = neurons(snn)
-    assert len(ns) == 1
-    spec = NeuronSpec.from_node(ns[0])
+    snn, node, spec = one_neuron(qann, 1 << bits)
     assert spec.target == "exp" and len(spec.table) == 1 << bits and spec.gate_time >= 0
     assert not any(n.op_type in ("Exp", "QuantizeLinear", "DequantizeLinear") for n in snn.graph.node)
     assert_bit_exact(qann, snn, b.feeds, out)
     # masked positions fire at the gate's time, which decodes to p = 0 (code 0 of the zero-point-0 grid)
-    snn.graph.output.append(h.make_empty_tensor_value_info(ns[0].output[0]))
-    t = open_session(snn).run([ns[0].output[0]], b.feeds)[0]
+    snn.graph.output.append(h.make_empty_tensor_value_info(node.output[0]))
+    t = open_session(snn).run([node.output[0]], b.feeds)[0]
     keep = np.broadcast_to(b.feeds["keep"], t.shape)
     assert (t[~keep] == spec.gate_time).all() and (~keep).any()
+    return t
+
+
+@pytest.mark.parametrize("lo", [-np.inf, float(np.finfo(np.float32).min)])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_masked_exp_becomes_gated_table(lo, bits):
+    """exp(d + mask) with mask in {0, lo} (proved from the graph): a table plus an inhibitory gate."""
+    assert_gated_exp(bits, lo)
 
 
 def test_mask_from_a_runtime_value_keeps_the_body():
@@ -320,8 +324,7 @@ def test_mask_from_a_runtime_value_keeps_the_body():
     lo = b.input("lo", np.full((1,), -1e4, np.float32))
     out = _out_stage(b, _exp_gated(b, lo))
     qann = b.model([out])
-    snn, _ = compile_full(qann, 64)
-    spec = NeuronSpec.from_node(neurons(snn)[0])
+    snn, _, spec = one_neuron(qann, 64)
     assert not spec.table and spec.gate_time == -1
     assert_bit_exact(qann, snn, b.feeds, out)
 
@@ -330,9 +333,6 @@ def test_mask_from_a_runtime_value_keeps_the_body():
 
 def test_hybrid_graph_gets_no_neurons():
     """A hybrid QDQ graph (only linear inputs quantized): the neuron passes change nothing."""
-    import sys, os
-    sys.path.insert(0, os.path.dirname(__file__))
-    from graphs import quantized_linear_model
     m, info = quantized_linear_model(extra_consumer=True)
     snn, reports = compile_full(m, 64)
     assert not neurons(snn)
@@ -407,26 +407,27 @@ def test_coverage_reports_standard_ops_left():
     ("mul", 1, 1, 0), ("rms_product", 1, 1, 1), ("rms_product_unit", 1, 1, 0), ("qk", D // H, 1, 1), ("pv", K, 1, 0), ("lse", K, 0, 0)])
 def test_operation_counts(group, fan_in, synapse_muls, muls):
     """Products cost a multiply per synapse (never hidden); nonlinear kernels and fixed weights do not."""
-    snn, _ = compile_full(build(group, 6)[0], 64)
-    spec = NeuronSpec.from_node(neurons(snn)[0])
+    _, _, spec = one_neuron(build(group, 6)[0], 64)
     assert (spec.fan_in, spec.synapse_muls, spec.muls) == (fan_in, synapse_muls, muls)
     assert spec.ops(context=99) == (fan_in, fan_in * synapse_muls + muls)
 
 
 # ------------------------------------------------------------------ KV-cache relay (fewer stages)
 
-def _kv(same_grid: bool) -> tuple[onnx.ModelProto, dict, str]:
+def _kv(same_grid: bool) -> tuple[onnx.ModelProto, onnx.ModelProto, dict, str, dict]:
+    """A KV-cache concat whose output is quantized on its input's grid or on another, compiled at T = 64.
+
+    Returns (qann, snn, feeds, output name, the kv_relay pass's report)."""
     b = Builder(6)
     v = kv_concat(b)
     out = b.qdq(v, "out", -3, 3) if same_grid else _out_stage(b, v)
-    return b.model([out]), b.feeds, out
+    qann = b.model([out])
+    snn, reports = compile_full(qann, 64)
+    return qann, snn, b.feeds, out, next(r for r in reports if r["pass"] == "kv_relay")
 
 
 def test_kv_cache_on_the_same_grid_is_a_relay():
-    from ttfsc.compiler.pipeline import latency_per_token
-    qann, feeds, out = _kv(True)
-    snn, reports = compile_full(qann, 64)
-    rep = next(r for r in reports if r["pass"] == "kv_relay")
+    qann, snn, feeds, out, rep = _kv(True)
     assert rep["rewritten"] == {"KvCacheRelay": 1} and not neurons(snn)
     roles = [a.s for n in snn.graph.node for a in n.attribute if a.name == "role"]
     assert roles == [b"kv_past"]
@@ -436,13 +437,10 @@ def test_kv_cache_on_the_same_grid_is_a_relay():
 
 
 def test_kv_cache_on_another_grid_stays_a_neuron():
-    qann, feeds, out = _kv(False)
-    snn, reports = compile_full(qann, 64)
-    rep = next(r for r in reports if r["pass"] == "kv_relay")
+    qann, snn, feeds, out, rep = _kv(False)
     assert rep["rewritten"] == {} and "another grid" in rep["skipped"][0]["reason"]
     assert [NeuronSpec.from_node(n).target for n in neurons(snn)] == ["concat"]
     assert_bit_exact(qann, snn, feeds, out)
-    from ttfsc.compiler.pipeline import latency_per_token
     assert latency_per_token(snn) == 128  # k's stage, then the cache's
 
 
@@ -477,9 +475,8 @@ def test_tiny_llama_full_twin_end_to_end(tiny_llama_onnx, tmp_path):
 def test_ten_bit_stages(group):
     """1024-slot windows: uint16 spike times, a 1024-entry table, decodes through com.microsoft DQ."""
     qann, feeds, out = build(group, bits=10, seed=1)
-    snn, _ = compile_full(qann, 1024)
-    ns = neurons(snn)
-    assert len(ns) == 1 and NeuronSpec.from_node(ns[0]).emit.T == 1024
+    snn, _, spec = one_neuron(qann, 1024)
+    assert spec.emit.T == 1024
     if group == "silu":
-        assert len(NeuronSpec.from_node(ns[0]).table) == 1024
+        assert len(spec.table) == 1024
     assert_bit_exact(qann, snn, feeds, out)

@@ -11,11 +11,10 @@ import onnx  # noqa: E402
 import pytest  # noqa: E402
 from onnx import helper as h  # noqa: E402
 
-from test_full_passes import EXPECTED, build, compile_full, neurons  # noqa: E402
+from test_full_passes import EXPECTED, build, compile_full, one_neuron  # noqa: E402
 from ttfsc import simulator as sim  # noqa: E402
 from ttfsc.cli import main  # noqa: E402
 from ttfsc.compiler.inspect import inspect_neurons  # noqa: E402
-from ttfsc.neuron import NeuronSpec  # noqa: E402
 from ttfsc.ttfs import (UniformStage, output_kernels, realised_function, receive_table, theorem1_times,  # noqa: E402
                         theorem2_eta)
 
@@ -57,9 +56,7 @@ def _replace_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 def test_wrong_kernels_are_caught():
     """A SiLU neuron given the identity's step kernel no longer realises its table."""
-    snn, _ = compile_full(build("silu", 6)[0], 64)
-    n = neurons(snn)[0]
-    spec = NeuronSpec.from_node(n)
+    snn, n, spec = one_neuron(build("silu", 6)[0], 64)
     _replace_attr(n, "eta", [spec.steps_in[0]] * (spec.windows_in[0] - 1))
     rep = inspect_neurons(snn)
     assert not rep["ok"] and rep["total"]["mismatch"] > 0
@@ -67,9 +64,7 @@ def test_wrong_kernels_are_caught():
 
 def test_wrong_output_kernel_is_caught():
     """An LSE neuron with a uniform psi (h = identity instead of log) emits other codes."""
-    snn, _ = compile_full(build("lse", 6)[0], 64)
-    n = neurons(snn)[0]
-    spec = NeuronSpec.from_node(n)
+    snn, n, spec = one_neuron(build("lse", 6)[0], 64)
     st = UniformStage(spec.emit.step, spec.emit.N - spec.emit.t_ref, spec.emit.T)
     _replace_attr(n, "psi", [float(v) for v in st.psi()])
     _replace_attr(n, "theta", float(st.theta))
@@ -108,33 +103,33 @@ def test_theorem1_uniform_is_corollary1():
     np.testing.assert_array_equal(codes, np.clip(np.rint(F[t] * 0.7 / 0.1) + 20, 0, 63))
 
 
+def _inspect_cli(snn: onnx.ModelProto, path) -> int:
+    """``snn`` saved to ``path``, then ``ttfsc inspect path --neurons``: its exit status."""
+    onnx.save(snn, path)
+    return main(["inspect", str(path), "--neurons"])
+
+
 def test_inspect_cli(tmp_path, capsys):
-    snn, _ = compile_full(build("silu", 6)[0], 64)
+    snn, n, _ = one_neuron(build("silu", 6)[0], 64)
     p = tmp_path / "silu.snn.onnx"
-    onnx.save(snn, p)
-    assert main(["inspect", str(p), "--neurons"]) == 0
+    assert _inspect_cli(snn, p) == 0
     assert "inspect: OK" in capsys.readouterr().out
-    n = neurons(snn)[0]
     _replace_attr(n, "eta", [0.0] * 63)
-    onnx.save(snn, p)
-    assert main(["inspect", str(p), "--neurons"]) == 1
+    assert _inspect_cli(snn, p) == 1
 
 
 def test_inspect_cli_without_neurons(tmp_path, capsys):
     from graphs import quantized_linear_model
     m, _ = quantized_linear_model()
     snn, _ = compile_full(m, 64)
-    p = tmp_path / "hybrid.snn.onnx"
-    onnx.save(snn, p)
-    assert main(["inspect", str(p), "--neurons"]) == 2
+    assert _inspect_cli(snn, tmp_path / "hybrid.snn.onnx") == 2
     assert "no TTFSNeuron" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("group", ["silu", "rsqrt", "gelu"])
 def test_compiled_neuron_kernels_step_through_eq7(group):
     """The compiled neuron's own eta, C, psi, theta stepped by the Eq. 7 simulator give its table."""
-    snn, _ = compile_full(build(group, 6)[0], 64)
-    spec = NeuronSpec.from_node(neurons(snn)[0])
+    _, _, spec = one_neuron(build(group, 6)[0], 64)
     N_in, e = spec.windows_in[0] - 1, spec.emit
     t_in = np.arange(N_in + 1)[:, None]
     C = np.array([spec.c_offset[0] / N_in])  # Eq. 7 adds C once per receive step

@@ -14,7 +14,8 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh  # noqa: E402
 
-from graphs import quantized_linear_model  # noqa: E402
+from graphs import (assert_compiled_equals_qdq, onnx_model, per_channel_activation_model,  # noqa: E402
+                    quantized_linear_model, ttfs_nodes)
 from ttfsc.errors import TtfscError  # noqa: E402
 from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages  # noqa: E402
 from ttfsc.passes.dead_code import DeadCode  # noqa: E402
@@ -29,16 +30,6 @@ DISABLE, ENABLE = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizat
 
 def ops(model):
     return [n.op_type for n in model.graph.node]
-
-
-def ttfs_nodes(model, op):
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op]
-
-
-def _model(nodes, inputs, outputs, inits):
-    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[h.make_opsetid("", 18)])
-    m.ir_version = 9
-    return m
 
 
 # ------------------------------------------------------------------ QdqToEmit
@@ -77,9 +68,9 @@ def test_qdq_to_emit_leaves_weight_quantizer_alone():
     nodes = [h.make_node("QuantizeLinear", ["Wf", "s", "zp"], ["Wq"], name="wq"),
              h.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["Wd"], name="wdq"),
              h.make_node("MatMul", ["x", "Wd"], ["y"], name="mm")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
-               [h.make_tensor_value_info("y", TP.FLOAT, [2, 3])],
-               [nh.from_array(W, "Wf"), nh.from_array(np.array(0.02, np.float32), "s"),
+    m = onnx_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
+                   [h.make_tensor_value_info("y", TP.FLOAT, [2, 3])],
+                   [nh.from_array(W, "Wf"), nh.from_array(np.array(0.02, np.float32), "s"),
                 nh.from_array(np.array(0, np.int8), "zp")])
     before = copy.deepcopy(m)
     rep = QdqToEmit(16).run(m).as_dict()
@@ -88,13 +79,7 @@ def test_qdq_to_emit_leaves_weight_quantizer_alone():
 
 
 def test_qdq_to_emit_skips_per_channel_activation():
-    I = 8
-    nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q", axis=1),
-             h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq", axis=1),
-             h.make_node("Relu", ["xd"], ["y"], name="relu")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, I])],
-               [h.make_tensor_value_info("y", TP.FLOAT, [2, I])],
-               [nh.from_array(np.full(I, 0.1, np.float32), "s"), nh.from_array(np.full(I, 128, np.uint8), "zp")])
+    m = per_channel_activation_model()
     before = copy.deepcopy(m)
     rep = QdqToEmit(256).run(m).as_dict()
     assert rep["rewritten"] == {}
@@ -107,9 +92,9 @@ def test_qdq_to_emit_skips_q_feeding_non_dq():
     nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
              h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
              h.make_node("Cast", ["xq"], ["xi"], name="cast", to=TP.INT32)]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
-               [h.make_tensor_value_info("xd", TP.FLOAT, [2, 4]), h.make_tensor_value_info("xi", TP.INT32, [2, 4])],
-               [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "zp")])
+    m = onnx_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
+                   [h.make_tensor_value_info("xd", TP.FLOAT, [2, 4]), h.make_tensor_value_info("xi", TP.INT32, [2, 4])],
+                   [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "zp")])
     before = copy.deepcopy(m)
     rep = QdqToEmit(256).run(m).as_dict()
     assert rep["rewritten"] == {}
@@ -183,8 +168,9 @@ def _act_model(second):
 def test_decode_matmul_activation_times_activation_left_alone():
     nodes, inits = _act_model("y")
     nodes.append(h.make_node("MatMul", ["xd", "y"], ["out"], name="mm"))
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4]), h.make_tensor_value_info("y", TP.FLOAT, [4, 3])],
-               [h.make_tensor_value_info("out", TP.FLOAT, [2, 3])], inits)
+    m = onnx_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4]),
+                          h.make_tensor_value_info("y", TP.FLOAT, [4, 3])],
+                   [h.make_tensor_value_info("out", TP.FLOAT, [2, 3])], inits)
     ref = copy.deepcopy(m)
     QdqToEmit(16).run(m)
     rep = DecodeMatMulToReceivePass().run(m).as_dict()
@@ -209,8 +195,8 @@ def test_decode_matmul_per_input_channel_weight_scale_left_alone():
               nh.from_array(np.full(I, 0.01, np.float32), "sw"), nh.from_array(np.zeros(I, np.int8), "wz")]
     nodes += [h.make_node("DequantizeLinear", ["W", "sw", "wz"], ["Wd"], name="wdq", axis=0),
               h.make_node("MatMul", ["xd", "Wd"], ["out"], name="mm")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, I])],
-               [h.make_tensor_value_info("out", TP.FLOAT, [2, O])], inits)
+    m = onnx_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, I])],
+                   [h.make_tensor_value_info("out", TP.FLOAT, [2, O])], inits)
     QdqToEmit(16).run(m)
     rep = DecodeMatMulToReceivePass().run(m).as_dict()
     assert rep["rewritten"] == {}
@@ -259,8 +245,8 @@ def test_dead_code_removes_orphaned_chains():
              h.make_node("Neg", ["x"], ["d1"], name="dead1"),
              h.make_node("Add", ["d1", "c"], ["d2"], name="dead2"),
              h.make_node("Abs", ["d2"], ["d3"], name="dead3")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2])],
-               [h.make_tensor_value_info("y", TP.FLOAT, [2])], [nh.from_array(np.ones(2, np.float32), "c")])
+    m = onnx_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2])],
+                   [h.make_tensor_value_info("y", TP.FLOAT, [2])], [nh.from_array(np.ones(2, np.float32), "c")])
     rep = DeadCode().run(m).as_dict()
     assert [n.name for n in m.graph.node] == ["keep"]
     assert rep["rewritten"] == {"RemoveDeadNodes": 3, "RemoveUnusedInitializers": 1}
@@ -301,14 +287,7 @@ def test_compiled_equals_qdq(kw, levels, seed):
     onnx.checker.check_model(c)
     rng = np.random.default_rng(seed + 10)
     x_big = (rng.standard_normal((16, 32)) * info["N"] * info["scale"]).astype(np.float32)  # lots clipped
-    for x in (info["x"], x_big):
-        for level in levels:
-            ref = ort.InferenceSession(m.SerializeToString(), default_options(level),
-                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})
-            out = open_session(c, default_options(level)).run(None, {"x": x})
-            assert len(ref) == len(out)
-            for a, b in zip(ref, out):
-                assert a.dtype == b.dtype and np.array_equal(a, b), (kw, level)
+    assert_compiled_equals_qdq(m, c, (info["x"], x_big), levels, tag=kw)
 
 
 def test_latency_and_stages_of_compiled_tiny_graph():

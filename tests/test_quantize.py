@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphs import ort_session
 from ttfsc import modelio
 from ttfsc.cli import main
 from ttfsc.errors import TtfscError
@@ -73,26 +73,18 @@ def _save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     return path
 
 
-def _session(model_or_path, extra_outputs=(), optimize: bool = False, fuse_qdq: bool = True) -> ort.InferenceSession:
-    """ORT session; ``fuse_qdq=False`` keeps Q/DQ as written (no integer-kernel fusion)."""
-    model = onnx.load(str(model_or_path)) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    for n in extra_outputs:
-        model.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if not fuse_qdq:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def _quantize(tmp_path: Path, name: str = "q.onnx", external: bool = False, **kw) -> tuple[Path, dict]:
     src = _save(_attention_model(), tmp_path / ("src_ext.onnx" if external else "src.onnx"), external)
     out = tmp_path / name
     kw.setdefault("calib", _feeds(4))
     summary = quantize_model(src, out, QuantConfig(**kw), log=lambda *_: None)
     return out, summary
+
+
+def _quantized(tmp_path: Path, **kw) -> tuple[Path, onnx.ModelProto, dict]:
+    """``_quantize``, then the QDQ model loaded: (path, model, summary)."""
+    out, summary = _quantize(tmp_path, **kw)
+    return out, onnx.load(str(out)), summary
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -132,8 +124,7 @@ def _dequantized_weight(model: onnx.ModelProto, dq_out: str) -> tuple[np.ndarray
 # ---------------------------------------------------------------- structure
 
 def test_weights_become_int8_per_channel(tmp_path):
-    out, summary = _quantize(tmp_path, abits=6)
-    model = onnx.load(str(out))
+    out, model, summary = _quantized(tmp_path, abits=6)
     inits = _inits(model)
     lin = _linear_inputs(model)
     assert summary["weights"] == 4
@@ -151,8 +142,7 @@ def test_weights_become_int8_per_channel(tmp_path):
 
 
 def test_shared_input_gets_one_chain_and_mask_add_stays_float(tmp_path):
-    out, summary = _quantize(tmp_path, abits=6)
-    model = onnx.load(str(out))
+    out, model, summary = _quantized(tmp_path, abits=6)
     lin = _linear_inputs(model)
     assert lin["q_proj"][0] == lin["k_proj"][0], "q/k share one Clip->Q->DQ"
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2  # x and o; sm skipped
@@ -189,7 +179,8 @@ def test_activation_params_use_clip_bounds():
          helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
         [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", p.lo), ("hi", p.hi), ("s", p.scale))]
         + [numpy_helper.from_array(np.array(p.zero_point, np.uint8), "z")])
-    q, y = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).run(None, {"x": x})
+    q, y = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]),
+                       optimize=False).run(None, {"x": x})
     assert q.tolist() == [0, 0, 11, 21, 35, 63, 63]  # -0.75 * 14 = -10.5 rounds half to even: 21 - 10
     assert y[0] == p.lo and y[-1] == p.hi and y[3] == 0.0
     assert activation_params(0.5, 2.0, 4).zero_point == 0  # 0 is always inside the range
@@ -201,14 +192,13 @@ def test_activation_params_use_clip_bounds():
 def test_qdq_matches_numpy_fake_quant_exactly(tmp_path):
     abits = 6
     N = (1 << abits) - 1
-    out, _ = _quantize(tmp_path, abits=abits)
-    model = onnx.load(str(out))
+    out, model, _ = _quantized(tmp_path, abits=abits)
     lin = _linear_inputs(model)
     x_dq, o_dq = lin["q_proj"][0], lin["o_proj"][0]
     chains = {name: _act_chain(model, name) for name in (x_dq, o_dq)}
     inits = _inits(model)
     q_outs = [c[1].output[0] for c in chains.values()]
-    sess = _session(out, extra_outputs=[x_dq, o_dq, "o", "a", "b", *q_outs])
+    sess = ort_session(out, [x_dq, o_dq, "o", "a", "b", *q_outs], optimize=False)
     x = _feeds(1, seed=7)[0]["x"]
     x.reshape(-1)[:2] = (100.0, -100.0)  # outside the calibrated range: clipped to codes N and 0
     res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
@@ -231,8 +221,7 @@ def test_qdq_matches_numpy_fake_quant_exactly(tmp_path):
 @pytest.mark.parametrize("abits", [4, 6, 8, 10])
 def test_abits_run_in_onnxruntime(tmp_path, abits):
     N = (1 << abits) - 1
-    out, summary = _quantize(tmp_path, abits=abits)
-    model = onnx.load(str(out))
+    out, model, summary = _quantized(tmp_path, abits=abits)
     inits = _inits(model)
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     for q in qs:
@@ -243,17 +232,18 @@ def test_abits_run_in_onnxruntime(tmp_path, abits):
     # unoptimised against optimised as every ttfsc session opens a QDQ model (exact_options: no
     # saturating integer fusion above 128 levels): the same codes
     probed = with_outputs(model, extra)
-    runs = [_session(probed).run(None, x)[2:], session_from_model(probed, exact_options(probed)).run(None, x)[2:]]
+    runs = [ort_session(probed, optimize=False).run(None, x)[2:],
+            session_from_model(probed, exact_options(probed)).run(None, x)[2:]]
     for plain, optimized in zip(*runs):
         assert plain.dtype == (np.uint16 if abits > 8 else np.uint8)
         assert plain.max() <= N, "a Clip narrower than the code type keeps codes inside the n-bit range"
         np.testing.assert_array_equal(plain, optimized)
-    assert np.all(np.isfinite(_session(out, optimize=True).run(["y"], x)[0]))
+    assert np.all(np.isfinite(ort_session(out).run(["y"], x)[0]))
     # Numerics without ORT's integer fusion: its u8s8 kernels can saturate on AVX2 CPUs at
     # abits=8/wbits=8 (see the module docstring); unfused, fully optimised ORT equals the QDQ math.
-    got = _session(out, optimize=True, fuse_qdq=False).run(["y"], x)[0]
-    np.testing.assert_array_equal(got, _session(out).run(["y"], x)[0])
-    ref = _session(_attention_model()).run(["y"], x)[0]
+    got = ort_session(out, fuse_qdq=False).run(["y"], x)[0]
+    np.testing.assert_array_equal(got, ort_session(out, optimize=False).run(["y"], x)[0])
+    ref = ort_session(_attention_model(), optimize=False).run(["y"], x)[0]
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < {4: 0.5, 6: 0.12, 8: 0.04, 10: 0.04}[abits], err
 
@@ -261,22 +251,21 @@ def test_abits_run_in_onnxruntime(tmp_path, abits):
 def test_close_to_float_w8a8(tmp_path):
     out, _ = _quantize(tmp_path, abits=8, calib=_feeds(8))
     x = _feeds(3, seed=11)
-    ref = _session(_attention_model())
-    got = _session(out)
+    ref = ort_session(_attention_model(), optimize=False)
+    got = ort_session(out, optimize=False)
     for f in x:
         r, g = ref.run(["y"], f)[0], got.run(["y"], f)[0]
         assert np.abs(g - r).max() < 0.03 * np.abs(r).max()
 
 
 def test_wbits4_codes_within_7(tmp_path):
-    out, summary = _quantize(tmp_path, wbits=4, abits=8)
-    model = onnx.load(str(out))
+    out, model, summary = _quantized(tmp_path, wbits=4, abits=8)
     lin = _linear_inputs(model)
     for node in ("q_proj", "k_proj", "o_proj", "masked_linear"):
         codes, _, _ = _dequantized_weight(model, lin[node][1])
         assert codes.dtype == np.int8 and np.abs(codes).max() == 7
     assert {p.key: p.value for p in model.metadata_props}["ttfsc.wbits"] == "4"
-    y = _session(out).run(["y"], _feeds(1, seed=5)[0])[0]
+    y = ort_session(out, optimize=False).run(["y"], _feeds(1, seed=5)[0])[0]
     assert np.all(np.isfinite(y))
 
 
@@ -331,10 +320,8 @@ def test_external_data_model_quantizes_like_inline(tmp_path):
     assert not [p for p in os.listdir(ext_dir) if p.startswith(".")], "no temporaries left behind"
     assert not [p for p in os.listdir(inl_dir) if p.startswith(".")]
     x = _feeds(1, seed=9)[0]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    y_ext = ort.InferenceSession(str(out_ext), so, providers=["CPUExecutionProvider"]).run(["y"], x)[0]
-    y_inl = ort.InferenceSession(str(out_inl), so, providers=["CPUExecutionProvider"]).run(["y"], x)[0]
+    y_ext = ort_session(out_ext, optimize=False).run(["y"], x)[0]
+    y_inl = ort_session(out_inl, optimize=False).run(["y"], x)[0]
     np.testing.assert_array_equal(y_ext, y_inl)
     # the quantized weights live in the output's data file, read back through modelio
     m = modelio.load_model(out_ext)
@@ -395,11 +382,7 @@ def test_bad_wbits_api(tmp_path):
 def _decoder_run(path: Path, ids: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
     """Logits of one whole sequence with an empty KV cache (what calibration feeds)."""
     from ttfsc.quantizer.calibration import decoder
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not fuse_qdq:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, fuse_qdq=fuse_qdq)
     return sess.run(["logits"], decoder(sess, str(path)).feeds(ids))[0][0]
 
 

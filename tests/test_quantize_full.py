@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from graphs import ort_session
 from ttfsc.cli import main
 from ttfsc.graph import VALUE_CARRIERS, GraphIndex
 from ttfsc.quantizer.config import QuantConfig
@@ -50,20 +50,8 @@ def full_plain(tiny_llama_onnx: Path, tmp_path_factory: pytest.TempPathFactory) 
     return _quantize(tiny_llama_onnx, tmp_path_factory.mktemp("full_plain") / "model.onnx", **PLAIN)
 
 
-def _session(path: Path, extra_outputs: tuple[str, ...] = ()) -> ort.InferenceSession:
-    model = onnx.load(str(path))
-    for n in extra_outputs:
-        model.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_quant_qdq", "1")  # exact QDQ numerics
-    if extra_outputs:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
-    return Generator(_session(path), path.parent, prefix=None).logits(ids)
+    return Generator(ort_session(path, fuse_qdq=False), path.parent, prefix=None).logits(ids)
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -146,7 +134,7 @@ def test_masked_probabilities_are_exactly_zero(full_default):
     path = full_default[0]
     model = onnx.load(str(path))
     probs = _dq_outputs(model, "exp")
-    sess = _session(path, tuple(probs))
+    sess = ort_session(path, probs, fuse_qdq=False)
     gen = Generator(sess, path.parent, prefix=None)
     ids = np.arange(5, 5 + 12)
     values = sess.run(probs, gen.feeds(ids, gen.empty_past()))
@@ -178,7 +166,7 @@ def test_kv_quantizer_is_shared_and_past_round_trips(full_default):
     for kv_q, src_q in kv.items():
         a, b = by_name[kv_q], by_name[src_q]
         assert inits[a.input[1]] == inits[b.input[1]] and inits[a.input[2]] == inits[b.input[2]]
-    gen = Generator(_session(path), path.parent, prefix=None)
+    gen = Generator(ort_session(path, fuse_qdq=False), path.parent, prefix=None)
     _, present = gen.forward(np.arange(5, 13)[None], gen.empty_past())
     for (k, v), (kv_q, _) in zip(present, zip(list(kv)[::2], list(kv)[1::2])):
         q = by_name[kv_q]
@@ -193,7 +181,7 @@ def test_kv_quantizer_is_shared_and_past_round_trips(full_default):
 
 def test_twin_tracks_float_and_wider_windows_track_closer(tiny_llama_onnx, tmp_path):
     rng = np.random.default_rng(0)
-    gen = Generator(_session(tiny_llama_onnx), tiny_llama_onnx.parent, prefix=None)
+    gen = Generator(ort_session(tiny_llama_onnx, fuse_qdq=False), tiny_llama_onnx.parent, prefix=None)
     calib = [gen.feeds(rng.integers(3, 98, 48), gen.empty_past()) for _ in range(4)]  # covers the test text
     ids = rng.integers(3, 98, 48)
     ref = _logits(tiny_llama_onnx, ids)

@@ -21,7 +21,8 @@ import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh  # noqa: E402
 
-from graphs import qdq_fusions_disabled, quantized_linear_model  # noqa: E402
+from graphs import (assert_compiled_equals_qdq, per_channel_activation_model, qdq_fusions_disabled,  # noqa: E402
+                    quantized_linear_model, ttfs_model, ttfs_nodes)
 from ttfsc import simulator as sim  # noqa: E402
 from ttfsc.cli import main  # noqa: E402
 from ttfsc.compiler.pipeline import latency_per_token, run_passes, stages  # noqa: E402
@@ -31,7 +32,7 @@ from ttfsc.passes.qdq_to_rate import QdqToRate  # noqa: E402
 from ttfsc.dialect import (RATE_DECODE, RATE_EMIT, RATE_RECEIVE, RateEmitSpec,  # noqa: E402
                                RateReceiveSpec)
 from ttfsc.runtime.session import default_options, exact_options, open_session, widest_window  # noqa: E402
-from ttfsc.ttfs import DOMAIN, RateStage, count_dtype, is_exact_tie, quantizer_codes  # noqa: E402
+from ttfsc.ttfs import RateStage, count_dtype, is_exact_tie, quantizer_codes  # noqa: E402
 
 TIES = ("half_even", "half_up")
 DISABLE, ENABLE = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,13 +76,6 @@ def test_tie_rules_differ_only_on_ties():
 
 # ------------------------------------------------------------------ runtime ops == simulator
 
-def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
-    g = h.make_graph(nodes, "rate", inputs, outputs, list(inits))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, 1)])
-    m.ir_version = 9
-    return m
-
-
 def _count_type(N: int) -> int:
     return TP.UINT8 if count_dtype(N) == np.uint8 else TP.UINT16
 
@@ -96,8 +90,8 @@ def test_rate_emit_equals_simulator(bits, tie_rule, level):
     scale = 5 * 2.0 ** -7
     x = _dyadic_inputs(N, z, scale, rng)
     spec = RateEmitSpec(N, scale, z, tie_rule)
-    m = _model([spec.make_node("V", "c", "emit")], [h.make_tensor_value_info("V", TP.FLOAT, [x.size])],
-               [h.make_tensor_value_info("c", _count_type(N), [x.size])])
+    m = ttfs_model([spec.make_node("V", "c", "emit")], [h.make_tensor_value_info("V", TP.FLOAT, [x.size])],
+                   [h.make_tensor_value_info("c", _count_type(N), [x.size])])
     out = open_session(m, default_options(level)).run(None, {"V": x})[0]
     assert out.dtype == count_dtype(N)
     if bits <= 8:                                       # the Fraction simulator is slow for N = 1023
@@ -115,9 +109,9 @@ def test_rate_receive_and_decode_equal_simulator(level):
     e = RateEmitSpec(N, scale, z)
     nodes = [e.make_node("V", "c", "emit"), e.receive_spec().make_node(["c", "W", "sw"], "y", "recv"),
              e.make_decode("c", "xd", "dec")]
-    m = _model(nodes, [h.make_tensor_value_info("V", TP.FLOAT, [M, I])],
-               [h.make_tensor_value_info("y", TP.FLOAT, [M, O]), h.make_tensor_value_info("xd", TP.FLOAT, [M, I])],
-               [nh.from_array(W, "W"), nh.from_array(sw, "sw")])
+    m = ttfs_model(nodes, [h.make_tensor_value_info("V", TP.FLOAT, [M, I])],
+                   [h.make_tensor_value_info("y", TP.FLOAT, [M, O]), h.make_tensor_value_info("xd", TP.FLOAT, [M, I])],
+                   [nh.from_array(W, "W"), nh.from_array(sw, "sw")])
     y, xd = open_session(m, default_options(level)).run(None, {"V": x})
     trace = sim.rate_emit(x, e.stage())
     v_ref = sim.rate_receive(trace.trains, W.astype(np.float64) * sw.astype(np.float64), scale, z)
@@ -129,8 +123,8 @@ def test_rate_receive_and_decode_equal_simulator(level):
 def test_exact_options_treat_rate_windows_like_ttfs():
     for N, disabled in ((127, False), (255, True)):
         e = RateEmitSpec(N, 0.1, 3)
-        m = _model([e.make_node("V", "c", "emit")], [h.make_tensor_value_info("V", TP.FLOAT, [2])],
-                   [h.make_tensor_value_info("c", _count_type(N), [2])])
+        m = ttfs_model([e.make_node("V", "c", "emit")], [h.make_tensor_value_info("V", TP.FLOAT, [2])],
+                       [h.make_tensor_value_info("c", _count_type(N), [2])])
         assert widest_window(m) == N + 1
         so = exact_options(m)
         assert qdq_fusions_disabled(so) is disabled
@@ -138,31 +132,22 @@ def test_exact_options_treat_rate_windows_like_ttfs():
 
 # ------------------------------------------------------------------ the pass
 
-def _rate_nodes(model, op):
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op]
-
-
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_qdq_to_rate_positive(bits):
     m, info = quantized_linear_model(bits=bits, extra_consumer=True)
     rep = QdqToRate(1 << bits).run(m).as_dict()
     assert rep["rewritten"] == {"QuantDequantToRate": 1} and rep["skipped"] == []
-    (emit,), (dec,) = _rate_nodes(m, RATE_EMIT), _rate_nodes(m, RATE_DECODE)
+    (emit,), (dec,) = ttfs_nodes(m, RATE_EMIT), ttfs_nodes(m, RATE_DECODE)
     e = RateEmitSpec.from_node(emit)
     assert (e.N, e.zero_point, e.threshold) == (info["N"], info["zero_point"], float(info["scale"]))
     assert e.qann_tensor == "xq" and emit.input[0] == "x" and dec.output[0] == "xd"
     rep = DecodeMatMulToReceivePass().run(m).as_dict()
     assert rep["rewritten"] == {"DecodeMatMulToReceive": 2}
-    assert len(_rate_nodes(m, RATE_RECEIVE)) == 2 and len(_rate_nodes(m, RATE_DECODE)) == 1   # kept for Relu
+    assert len(ttfs_nodes(m, RATE_RECEIVE)) == 2 and len(ttfs_nodes(m, RATE_DECODE)) == 1   # kept for Relu
 
 
 def test_qdq_to_rate_negative_cases_are_skipped_with_reasons():
-    I = 8
-    nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q", axis=1),
-             h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq", axis=1),
-             h.make_node("Relu", ["xd"], ["y"], name="relu")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, I])], [h.make_tensor_value_info("y", TP.FLOAT, [2, I])],
-               [nh.from_array(np.full(I, 0.1, np.float32), "s"), nh.from_array(np.full(I, 128, np.uint8), "zp")])
+    m = per_channel_activation_model()
     before = copy.deepcopy(m)
     rep = QdqToRate(256).run(m).as_dict()
     assert rep["rewritten"] == {} and "per-channel" in rep["skipped"][0]["reason"]
@@ -171,9 +156,10 @@ def test_qdq_to_rate_negative_cases_are_skipped_with_reasons():
     nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
              h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
              h.make_node("MatMul", ["xd", "y"], ["out"], name="mm")]
-    m = _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4]), h.make_tensor_value_info("y", TP.FLOAT, [4, 3])],
-               [h.make_tensor_value_info("out", TP.FLOAT, [2, 3])],
-               [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "zp")])
+    m = ttfs_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 4]),
+                          h.make_tensor_value_info("y", TP.FLOAT, [4, 3])],
+                   [h.make_tensor_value_info("out", TP.FLOAT, [2, 3])],
+                   [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "zp")])
     reports = run_passes(m, 256, coding="rate")
     assert reports[1]["rewritten"] == {} and reports[1]["skipped"][0]["node"] == "mm"
     assert [n.op_type for n in m.graph.node] == [RATE_EMIT, RATE_DECODE, "MatMul"]
@@ -193,16 +179,10 @@ def test_rate_compiled_equals_qdq(kw, levels):
     c = copy.deepcopy(m)
     run_passes(c, T, coding="rate")
     assert not any(n.op_type in ("QuantizeLinear", "Clip", "DequantizeLinear") for n in c.graph.node)
-    assert len(_rate_nodes(c, RATE_RECEIVE)) == 2
+    assert len(ttfs_nodes(c, RATE_RECEIVE)) == 2
     onnx.checker.check_model(c)
     x_big = (np.random.default_rng(5).standard_normal((16, 32)) * info["N"] * info["scale"]).astype(np.float32)
-    for x in (info["x"], x_big):
-        for level in levels:
-            so = exact_options(c, default_options(level))
-            ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
-            out = open_session(c, default_options(level)).run(None, {"x": x})
-            for a, b in zip(ref, out):
-                assert a.dtype == b.dtype and np.array_equal(a, b), (kw, level)
+    assert_compiled_equals_qdq(m, c, (info["x"], x_big), levels, exact_reference=True, tag=kw)
 
 
 def test_rate_stages_and_latency():

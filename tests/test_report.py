@@ -10,13 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
-from graphs import quantized_linear_model
+from graphs import quantized_linear_model, ttfs_model
 from ttfsc.cli import main
 from ttfsc.analysis.energy import (Counts, EnergyConstants, float_op_macs, qann_energy, snn_energy)
 from ttfsc.analysis.report import count_network, find_stages, float_reference
 from ttfsc.dialect import EmitSpec
+from ttfsc.graph import with_outputs
 from ttfsc.runtime.session import default_options, open_session, session_from_model
-from ttfsc.ttfs import DOMAIN, UniformStage
+from ttfsc.ttfs import UniformStage
 
 M, I, H, O, T = 5, 12, 10, 7, 16
 N = T - 1
@@ -34,10 +35,8 @@ def _two_stage(seed: int = 0) -> tuple[onnx.ModelProto, dict]:
     nodes = [e1.make_node("x", "t1", "emit1"), e1.receive_spec().make_node(["t1", "W1", "sw1"], "v2", "recv1"),
              e2.make_node("v2", "t2", "emit2"), e2.receive_spec().make_node(["t2", "W2", "sw2"], "y", "recv2")]
     inits = [nh.from_array(W1, "W1"), nh.from_array(sw1, "sw1"), nh.from_array(W2, "W2"), nh.from_array(sw2, "sw2")]
-    g = h.make_graph(nodes, "two", [h.make_tensor_value_info("x", TP.FLOAT, [M, I])],
-                     [h.make_tensor_value_info("y", TP.FLOAT, [M, O])], inits)
-    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 9
+    model = ttfs_model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [M, I])],
+                       [h.make_tensor_value_info("y", TP.FLOAT, [M, O])], inits, "two")
     codes = rng.integers(0, T, (M, I))
     codes[0, :4] = 0                                  # a few certainly silent neurons
     x = ((codes - s1.zero_point) * np.float64(s1.step)).astype(np.float32)  # exactly on the grid: t = N - code
@@ -46,7 +45,8 @@ def _two_stage(seed: int = 0) -> tuple[onnx.ModelProto, dict]:
 
 def test_counts_on_two_stage_graph():
     model, d = _two_stage()
-    out = dict(zip(["t1", "v2", "t2"], open_session(_outputs(model, ["t1", "v2", "t2"])).run(["t1", "v2", "t2"], {"x": d["x"]})))
+    probes = ["t1", "v2", "t2"]
+    out = dict(zip(probes, open_session(with_outputs(model, probes)).run(probes, {"x": d["x"]})))
     np.testing.assert_array_equal(out["t1"], N - d["codes"])      # known spike times from known codes
     stages = find_stages(model, None, "two.onnx")
     assert [s.name for s in stages] == ["emit1", "emit2"]
@@ -75,13 +75,6 @@ def test_float_op_macs_from_shapes():
     assert float_op_macs("Reshape", [(4, 8)], (32,)) == 0
     c = Counts(spikes=4.0, mac_float_by_kind={"a": 2.0}).scaled(0.5)
     assert c.spikes == 2.0 and c.mac_float_by_kind == {"a": 1.0}
-
-
-def _outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.output.extend(h.make_empty_tensor_value_info(n) for n in names)
-    return out
 
 
 def test_float_reference_removes_exactly_the_activation_pairs():

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
-from graphs import qdq_fusions_disabled  # noqa: E402
+from graphs import dyadic_stage, qdq_fusions_disabled, stage_inputs, ttfs_model  # noqa: E402
 from ttfsc import simulator as sim
 from ttfsc.graph import MS_DOMAIN
 from ttfsc.dialect import (CONT_DECODE, CONT_EMIT, NEURON, RATE_OPS, TTFS_OPS, EmitSpec, ReceiveSpec,
@@ -30,21 +30,14 @@ TIES = ("half_even", "half_up")
 LEVELS = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
 
-def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
-    g = h.make_graph(nodes, "ttfs", inputs, outputs, list(inits))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, 1)])
-    m.ir_version = 9
-    return m
-
-
 def _run(model, feeds, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
     return open_session(model, default_options(level)).run(None, feeds)[0]
 
 
 def _emit_model(spec: EmitSpec, shape) -> onnx.ModelProto:
-    return _model([spec.make_node("V", "t", "emit")],
-                  [h.make_tensor_value_info("V", TP.FLOAT, list(shape))],
-                  [h.make_tensor_value_info("t", time_elem_type(spec.T), list(shape))])
+    return ttfs_model([spec.make_node("V", "t", "emit")],
+                      [h.make_tensor_value_info("V", TP.FLOAT, list(shape))],
+                      [h.make_tensor_value_info("t", time_elem_type(spec.T), list(shape))])
 
 
 # ------------------------------------------------------------------ TTFSEmit
@@ -78,15 +71,11 @@ def test_emit_uniform_equals_simulator(T, tie_rule):
     rng = np.random.default_rng(3 * T + len(tie_rule))
     N = T - 1
     for trial in range(3):
-        scale = 2.0 ** -int(rng.integers(0, 8))
-        z = int(rng.integers(0, N + 1))
-        st = UniformStage(scale, z, T, tie_rule)
+        st = dyadic_stage(rng, T, tie_rule, max_shift=8)
         spec = EmitSpec.from_stage(st)
-        ties = (np.arange(-z - 3, N - z + 3) + 0.5) * scale
-        rnd = rng.integers((-z - 4) * 64, (N - z + 4) * 64, 600) * (scale / 64)
-        v = np.concatenate([ties, rnd])[None, :]
+        v = np.concatenate(stage_inputs(rng, st, 600, margin=3))[None, :]
         ref = sim.emit(v, st.psi(), st.theta, N, st.t_ref, tie_rule).times
-        np.testing.assert_array_equal(N - ref, quantizer_codes(v, scale, z, N, tie_rule))
+        np.testing.assert_array_equal(N - ref, quantizer_codes(v, st.scale, st.zero_point, N, tie_rule))
         for level in LEVELS:
             t = _run(_emit_model(spec, v.shape), {"V": v.astype(np.float32)}, level)
             np.testing.assert_array_equal(t.astype(np.int64), ref)
@@ -116,10 +105,10 @@ def test_receive_general_equals_simulator(T_in, gain):
     t = rng.integers(0, T_in, (B, I))
     t[0] = N_in                                                  # all silent
     t[1] = 0                                                     # all first slot
-    m = _model([spec.make_node(["t", "W"], "V", "recv")],
-               [h.make_tensor_value_info("t", time_elem_type(T_in), [B, I])],
-               [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
-               [nh.from_array(W.astype(np.float32), "W")])
+    m = ttfs_model([spec.make_node(["t", "W"], "V", "recv")],
+                   [h.make_tensor_value_info("t", time_elem_type(T_in), [B, I])],
+                   [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
+                   [nh.from_array(W.astype(np.float32), "W")])
     C = c_offset * W.sum(0) / N_in
     ref = sim.receive(t, W, eta, C, N_in, gain)
     for level in LEVELS:
@@ -129,10 +118,10 @@ def test_receive_general_equals_simulator(T_in, gain):
 
 def _fast_receive_model(spec: ReceiveSpec, W, sw, wz, B):
     I, O = W.shape
-    return _model([spec.make_node(["t", "W", "sw", "wz"], "V", "recv")],
-                  [h.make_tensor_value_info("t", time_elem_type(spec.T_in), [B, I])],
-                  [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
-                  [nh.from_array(W, "W"), nh.from_array(sw, "sw"), nh.from_array(wz, "wz")])
+    return ttfs_model([spec.make_node(["t", "W", "sw", "wz"], "V", "recv")],
+                      [h.make_tensor_value_info("t", time_elem_type(spec.T_in), [B, I])],
+                      [h.make_tensor_value_info("V", TP.FLOAT, [B, O])],
+                      [nh.from_array(W, "W"), nh.from_array(sw, "sw"), nh.from_array(wz, "wz")])
 
 
 @pytest.mark.parametrize("T_in", [4, 16, 64])
@@ -170,6 +159,13 @@ def test_receive_step_kernel_fast_path(T_in, dyadic):
             np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _chain_model(rs: ReceiveSpec, es: EmitSpec, B: int, I: int, O: int, weights: list) -> onnx.ModelProto:
+    """TTFSReceive(t, *weights) -> TTFSEmit: one stage from uint8 spike times to uint8 spike times."""
+    nodes = [rs.make_node(["t", *(w.name for w in weights)], "V", "recv"), es.make_node("V", "t_out", "emit")]
+    return ttfs_model(nodes, [h.make_tensor_value_info("t", TP.UINT8, [B, I])],
+                      [h.make_tensor_value_info("t_out", TP.UINT8, [B, O])], weights)
+
+
 @pytest.mark.parametrize("tie_rule", TIES)
 def test_stage_chain_general_equals_simulator(tie_rule):
     """TTFSReceive (table form) -> TTFSEmit (table form) == simulator.stage, spike for spike."""
@@ -188,10 +184,8 @@ def test_stage_chain_general_equals_simulator(tie_rule):
     es = EmitSpec(T, t_ref, 1 / 64, tuple(psi), theta, tie_rule)
     t = rng.integers(0, T_in, (B, I))
     C = c_offset * W.sum(0) / N_in
-    m = _model([rs.make_node(["t", "W"], "V", "recv"), es.make_node("V", "t_out", "emit")],
-               [h.make_tensor_value_info("t", TP.UINT8, [B, I])],
-               [h.make_tensor_value_info("t_out", TP.UINT8, [B, O])],
-               [nh.from_array(W.astype(np.float32), "W")])
+    weights = [nh.from_array(W.astype(np.float32), "W")]
+    m = _chain_model(rs, es, B, I, O, weights)
     tr = sim.stage(t, W, eta, C, N_in, psi, theta, N, t_ref, 1.0, tie_rule)
     assert np.any(tr.times < N) and np.any(tr.times == N)
     for level in LEVELS:
@@ -201,8 +195,7 @@ def test_stage_chain_general_equals_simulator(tie_rule):
     S = emit_table(psi, N)
     theta2 = float(tr.v_emit[0, 0] + S[3])
     es2 = EmitSpec(T, t_ref, 1 / 64, tuple(psi), theta2, tie_rule)
-    m2 = _model([rs.make_node(["t", "W"], "V", "recv"), es2.make_node("V", "t_out", "emit")],
-                m.graph.input, m.graph.output, m.graph.initializer)
+    m2 = _chain_model(rs, es2, B, I, O, weights)
     tr2 = sim.stage(t, W, eta, C, N_in, psi, theta2, N, t_ref, 1.0, tie_rule)
     assert tr2.times[0, 0] == (4 if tie_rule == "half_even" else 3)   # t_ref - 3 is odd
     np.testing.assert_array_equal(_run(m2, {"t": t.astype(np.uint8)}).astype(np.int64), tr2.times)
@@ -222,10 +215,7 @@ def test_stage_chain_uniform_equals_simulator(tie_rule):
     wz = np.zeros(O, np.int8)
     out = UniformStage(2.0 ** -2, 6, T, tie_rule)
     es = EmitSpec.from_stage(out)
-    m = _model([rs.make_node(["t", "W", "sw", "wz"], "V", "recv"), es.make_node("V", "t_out", "emit")],
-               [h.make_tensor_value_info("t", TP.UINT8, [B, I])],
-               [h.make_tensor_value_info("t_out", TP.UINT8, [B, O])],
-               [nh.from_array(W, "W"), nh.from_array(sw, "sw"), nh.from_array(wz, "wz")])
+    m = _chain_model(rs, es, B, I, O, [nh.from_array(W, "W"), nh.from_array(sw, "sw"), nh.from_array(wz, "wz")])
     t = rng.integers(0, T_in, (B, I))
     Wf = W.astype(np.float64) * sw
     C = -step_in * Wf.sum(0)
@@ -245,9 +235,9 @@ def test_decode_equals_decode_times(T):
     rng = np.random.default_rng(T)
     step, t_ref = float(np.float32(rng.uniform(0.001, 0.3))), int(rng.integers(0, T))
     e = EmitSpec(T, t_ref, step, (step,) * (T - 1), 0.0)
-    m = _model([e.make_decode("t", "x", "dec")],
-               [h.make_tensor_value_info("t", time_elem_type(T), [5, 40])],
-               [h.make_tensor_value_info("x", TP.FLOAT, [5, 40])])
+    m = ttfs_model([e.make_decode("t", "x", "dec")],
+                   [h.make_tensor_value_info("t", time_elem_type(T), [5, 40])],
+                   [h.make_tensor_value_info("x", TP.FLOAT, [5, 40])])
     t = rng.integers(0, T, (5, 40))
     t[0, :2] = [0, T - 1]
     for level in LEVELS:
@@ -264,13 +254,11 @@ def test_T1024_uniform_emit_and_decode(tie_rule):
     scale, z = 2.0 ** -6, 300
     st = UniformStage(scale, z, T, tie_rule)
     es = EmitSpec.from_stage(st)
-    rng = np.random.default_rng(1)
-    v = np.concatenate([(np.arange(-z - 3, N - z + 3) + 0.5) * scale,
-                        rng.integers((-z - 5) * 8, (N - z + 5) * 8, 1000) * (scale / 8)])[None, :]
-    m = _model([es.make_node("V", "t", "emit"), es.make_decode("t", "x", "dec")],
-               [h.make_tensor_value_info("V", TP.FLOAT, list(v.shape))],
-               [h.make_tensor_value_info("t", TP.UINT16, list(v.shape)),
-                h.make_tensor_value_info("x", TP.FLOAT, list(v.shape))])
+    v = np.concatenate(stage_inputs(np.random.default_rng(1), st, 1000, margin=3, per_step=8))[None, :]
+    m = ttfs_model([es.make_node("V", "t", "emit"), es.make_decode("t", "x", "dec")],
+                   [h.make_tensor_value_info("V", TP.FLOAT, list(v.shape))],
+                   [h.make_tensor_value_info("t", TP.UINT16, list(v.shape)),
+                    h.make_tensor_value_info("x", TP.FLOAT, list(v.shape))])
     low = lower_model(m)
     assert any(n.domain == MS_DOMAIN for n in low.graph.node)          # uint16 Q/DQ
     assert any(o.domain == MS_DOMAIN for o in low.opset_import)
@@ -297,12 +285,12 @@ def test_lower_model_leaves_no_ttfs_nodes_and_checks():
              EmitSpec(16, 4, 0.1, tuple(rng.uniform(0.1, 1, 15)), 0.7, "half_even").make_node("y2", "t2", "emit_tab"),
              EmitSpec.from_stage(UniformStage(0.1, 3, 16, "half_up")).make_node("y", "t3", "emit_up"),
              es.make_decode("t", "x", "dec")]
-    m = _model(nodes, [h.make_tensor_value_info("V", TP.FLOAT, [3, 8])],
-               [h.make_tensor_value_info(n, tp, [3, d]) for n, tp, d in
-                [("t2", TP.UINT8, 4), ("t3", TP.UINT8, 4), ("x", TP.FLOAT, 8)]],
-               [nh.from_array(W, "W"), nh.from_array(np.full(4, 0.01, np.float32), "sw"),
-                nh.from_array(np.zeros(4, np.int8), "wz"),
-                nh.from_array(rng.standard_normal((8, 4)).astype(np.float32), "Wf")])
+    m = ttfs_model(nodes, [h.make_tensor_value_info("V", TP.FLOAT, [3, 8])],
+                   [h.make_tensor_value_info(n, tp, [3, d]) for n, tp, d in
+                    [("t2", TP.UINT8, 4), ("t3", TP.UINT8, 4), ("x", TP.FLOAT, 8)]],
+                   [nh.from_array(W, "W"), nh.from_array(np.full(4, 0.01, np.float32), "sw"),
+                    nh.from_array(np.zeros(4, np.int8), "wz"),
+                    nh.from_array(rng.standard_normal((8, 4)).astype(np.float32), "Wf")])
     low = lower_model(m)
     assert not any(n.domain == DOMAIN for n in low.graph.node)
     assert not any(o.domain == DOMAIN for o in low.opset_import)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graphs import dyadic_stage, stage_inputs
 from ttfsc import simulator as sim
 from ttfsc.ttfs import (
     UniformStage,
@@ -98,13 +99,10 @@ def test_corollary1_emit_random_dyadic(bits, tie_rule):
     T = window_for_bits(bits)
     N = T - 1
     for trial in range(4):
-        scale = 2.0 ** -int(rng.integers(0, 10))
-        z = int(rng.integers(0, N + 1))
-        st = UniformStage(scale, z, T, tie_rule)
-        # random multiples of scale/64 over [a - 3 steps, b + 3 steps], plus every exact tie
-        lo, hi = (-z - 3) * 64, (N - z + 3) * 64
-        x = rng.integers(lo, hi + 1, 400) * (scale / 64)
-        ties = (np.arange(-z - 2, N - z + 2) + 0.5) * scale
+        st = dyadic_stage(rng, T, tie_rule, max_shift=10)
+        scale, z = st.scale, st.zero_point
+        # random multiples of scale/64 over [a - 3 steps, b + 3 steps), plus every exact tie (and its negative)
+        ties, x = stage_inputs(rng, st, 400, margin=2)
         x = np.concatenate([x, ties, -ties])
         times = _emit_stage(st, x, tie_rule)
         codes = quantizer_codes(x, scale, z, N, tie_rule)
