@@ -35,7 +35,7 @@ from ttfsc.analysis.energy import (
     FLOAT_OP_COST, bits_per_spike, dense_macs, float_op_macs, neuron_fan_in,
     neuron_synaptic, neuron_updates, qann_energy, receive_acs, silent_of, snn_energy, spikes_of)
 from ttfsc.dialect import (CODING_OF_EMIT, RATE_RECEIVE, RECEIVE, RateEmitSpec, RateReceiveSpec, ReceiveSpec,
-                           emit_spec, stage_steps)
+                           emissions, stage_steps)
 from ttfsc.errors import TtfscError
 from ttfsc.graph import with_outputs
 from ttfsc.modelio import Initializers, load_model, model_dir
@@ -125,10 +125,7 @@ def find_stages(snn: onnx.ModelProto, qann: onnx.ModelProto | None, snn_path: st
     """Every emission of ``snn``; with ``qann``, also the float tensor each stands for (else its potential)."""
     producers = {o: n for n in qann.graph.node for o in n.output} if qann is not None else None
     out = []
-    for n in snn.graph.node:
-        e = emit_spec(n)
-        if e is None:
-            continue
+    for n, e in emissions(snn):
         if CODING_OF_EMIT[n.op_type] not in ("ttfs", "rate"):
             raise TtfscError(f"{snn_path}: stage {n.name} is {CODING_OF_EMIT[n.op_type]}-coded; `ttfsc report` covers "
                              "TTFS and rate models (compile --coding ttfs or rate from a QDQ model).")

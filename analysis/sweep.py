@@ -99,19 +99,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TtfscError(f"{args.model}: no such model file; give the float .onnx exported by `ttfsc export`.")
     if not Path(args.ppl).is_file():
         raise TtfscError(f"--ppl {args.ppl}: no such text file.")
-    for T in args.T:
-        try:
-            bits_for_window(T)
-        except ValueError as exc:
-            raise TtfscError(f"-T: {exc}") from None
-    for T in args.continuous_T:
-        try:
-            continuous_window(T)
-        except ValueError as exc:
-            raise TtfscError(f"--continuous-T: {exc}") from None
+    _check_windows("-T", args.T, bits_for_window)
+    _check_windows("--continuous-T", args.continuous_T, continuous_window)
     bad = [w for w in args.wbits if w not in (4, 8)]
     if bad:
         raise TtfscError(f"--wbits {bad[0]}: weights are quantized to 4 or 8 bits.")
+
+
+def _check_windows(flag: str, windows: list[int], check: Callable[[int], int]) -> None:
+    """Each window of ``flag`` through ``check`` (ttfs's own test); the first bad one is a one-line user error."""
+    for T in windows:
+        try:
+            check(T)
+        except ValueError as exc:
+            raise TtfscError(f"{flag}: {exc}") from None
 
 
 class Runner:

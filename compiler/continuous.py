@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import onnx
 
-from ttfsc.dialect import ContinuousEmitSpec, emit_spec
+from ttfsc.dialect import ContinuousEmitSpec, emissions
 from ttfsc.errors import TtfscError
 from ttfsc.modelio import load_model
 from ttfsc.passes.registry import PassOptions
 from ttfsc.quantizer.config import compile_options
-from ttfsc.quantizer.qdq import activation_names, find_linears
+from ttfsc.quantizer.qdq import activation_names, float_linears
 from ttfsc.quantizer.ranges import calibrate_model
 from ttfsc.runtime.generate import PREFIX_META
 from ttfsc.ttfs import continuous_window
@@ -58,10 +58,8 @@ def float_ranges(model_path: str, calib: Any = None, samples: int = 8, seqlen: i
     but method minmax and no prefix: the ranges a continuous conversion of the float model sees.
     """
     model = load_model(model_path)
-    linears = find_linears(model)
-    if not linears:
-        raise TtfscError(f"{model_path}: no MatMul with a float32 initializer weight; --neuron continuous "
-                         "needs the float model (as exported by `ttfsc export`), not a QDQ one.")
+    linears = float_linears(model, model_path, "; --neuron continuous needs the float model (as exported by "
+                            "`ttfsc export`), not a QDQ one.")
     acts = activation_names(model, linears)
     cal = calibrate_model(model, model_path, linears, acts, calib, "minmax", 100.0, lambda _n: 8,
                           "none", samples, seqlen, log)
@@ -71,8 +69,7 @@ def float_ranges(model_path: str, calib: Any = None, samples: int = 8, seqlen: i
 def stages(model: onnx.ModelProto) -> list[dict]:
     """One entry per continuous stage: its window, float range and time constant."""
     out = []
-    for n in model.graph.node:
-        e = emit_spec(n)
+    for n, e in emissions(model):
         if isinstance(e, ContinuousEmitSpec):
             st = e.stage()
             out.append({"stage": n.name, "coding": "continuous", "steps": e.T, "window": e.T, "a": e.a, "b": e.b,

@@ -24,7 +24,7 @@ import onnx
 
 from ttfsc.compiler.continuous import ContinuousCompile
 from ttfsc.compiler.coverage import coverage, stages_per_block
-from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, attrs, emit_spec, stage_steps
+from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, attrs, emissions, stage_steps
 from ttfsc.errors import TtfscError
 from ttfsc.graph import drop_metadata, set_metadata
 from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
@@ -83,10 +83,7 @@ def leftover_activation_qdq(model: onnx.ModelProto) -> list[str]:
 def stages(model: onnx.ModelProto) -> list[dict]:
     """One entry per emission, either coding, with the time steps it costs (``steps``)."""
     out = []
-    for n in model.graph.node:
-        e = emit_spec(n)
-        if e is None:
-            continue
+    for n, e in emissions(model):
         entry = {"stage": n.name, "coding": CODING_OF_EMIT[n.op_type], "steps": stage_steps(n),
                  "bits": bits_for_window(e.T), "qann_tensor": e.qann_tensor}
         if isinstance(e, RateEmitSpec):

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ttfsc.dialect import CODING_OF_EMIT, emit_spec
+from ttfsc.dialect import CODING_OF_EMIT, emissions
 from ttfsc.errors import TtfscError
 from ttfsc.graph import with_outputs
 from ttfsc.modelio import Initializers, load_model, model_dir
@@ -64,9 +64,8 @@ def find_probes(qann: onnx.ModelProto, snn: onnx.ModelProto) -> list[Probe]:
     producers = {o: n for n in qann.graph.node for o in n.output}
     inits = Initializers(qann)
     probes = []
-    for n in snn.graph.node:
-        e = emit_spec(n)
-        if e is None or _attr(n, "role") == b"kv_past":
+    for n, e in emissions(snn):
+        if _attr(n, "role") == b"kv_past":
             continue  # a KV-cache past encoder: part of a cache tensor, checked through its readers
         q = producers.get(e.qann_tensor)
         if q is None or q.op_type != "QuantizeLinear":

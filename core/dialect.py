@@ -47,13 +47,14 @@ Continuous-kernel baseline (TTFSFormer style; ``ttfsc compile --neuron continuou
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ttfsc.ttfs import DOMAIN, ContinuousStage, RateStage, UniformStage, tau_of_step, time_dtype
+from ttfsc.ttfs import DOMAIN, ContinuousStage, RateStage, UniformStage, Window, tau_of_step, time_dtype
 
 EMIT, RECEIVE, DECODE = "TTFSEmit", "TTFSReceive", "TTFSDecode"
 TTFS_OPS = (EMIT, RECEIVE, DECODE)
@@ -87,8 +88,23 @@ def time_elem_type(T: int) -> int:
     return TensorProto.UINT8 if time_dtype(T) == np.uint8 else TensorProto.UINT16
 
 
+def _twin_fields(a: dict) -> tuple[str, str, int]:
+    """``tie_rule``, ``qann_tensor``, ``qann_code_min`` of an emission node's attributes (defaults if absent).
+
+    Every coding that reproduces a QANN quantizer (TTFS, rate) carries these three the same way:
+    how the quantizer breaks ties, and which QANN tensor it stands for, for the verifier.
+    """
+    return (attr_text(a.get("tie_rule", "half_even")), attr_text(a.get("qann_tensor", "")),
+            int(a.get("qann_code_min", 0)))
+
+
+def _twin_attrs(spec: EmitSpec | RateEmitSpec) -> dict[str, str | int]:
+    """The node attributes ``_twin_fields`` reads back."""
+    return dict(tie_rule=spec.tie_rule, qann_tensor=spec.qann_tensor, qann_code_min=spec.qann_code_min)
+
+
 @dataclass(frozen=True)
-class EmitSpec:
+class EmitSpec(Window):
     """Everything an emission node carries; built from a quantizer or read back from a node."""
 
     T: int
@@ -109,12 +125,7 @@ class EmitSpec:
     def from_node(cls, node: onnx.NodeProto) -> "EmitSpec":
         a = attrs(node)
         return cls(int(a["window"]), int(a["t_ref"]), float(a["step"]), tuple(a["psi"]), float(a["theta"]),
-                   attr_text(a.get("tie_rule", "half_even")), attr_text(a.get("qann_tensor", "")),
-                   int(a.get("qann_code_min", 0)))
-
-    @property
-    def N(self) -> int:
-        return self.T - 1
+                   *_twin_fields(a))
 
     def stage(self) -> UniformStage:
         """The Corollary-1 stage on this emission's grid (its zero point, range and kernels)."""
@@ -123,8 +134,7 @@ class EmitSpec:
     def make_node(self, v: str, t: str, name: str) -> onnx.NodeProto:
         return helper.make_node(
             EMIT, [v], [t], name=name, domain=DOMAIN, window=self.T, t_ref=self.t_ref, step=self.step,
-            tau=tau_of_step(self.step), psi=list(self.psi), theta=self.theta,
-            tie_rule=self.tie_rule, qann_tensor=self.qann_tensor, qann_code_min=self.qann_code_min)
+            tau=tau_of_step(self.step), psi=list(self.psi), theta=self.theta, **_twin_attrs(self))
 
     def make_decode(self, t: str, x: str, name: str) -> onnx.NodeProto:
         return helper.make_node(DECODE, [t], [x], name=name, domain=DOMAIN, window=self.T, t_ref=self.t_ref,
@@ -184,9 +194,7 @@ class RateEmitSpec:
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "RateEmitSpec":
         a = attrs(node)
-        return cls(int(a["steps"]), float(a["threshold"]), int(a["zero_point"]),
-                   attr_text(a.get("tie_rule", "half_even")), attr_text(a.get("qann_tensor", "")),
-                   int(a.get("qann_code_min", 0)))
+        return cls(int(a["steps"]), float(a["threshold"]), int(a["zero_point"]), *_twin_fields(a))
 
     @property
     def T(self) -> int:
@@ -199,8 +207,7 @@ class RateEmitSpec:
     def make_node(self, v: str, c: str, name: str) -> onnx.NodeProto:
         return helper.make_node(
             RATE_EMIT, [v], [c], name=name, domain=DOMAIN, steps=self.N, threshold=self.threshold,
-            zero_point=self.zero_point, tie_rule=self.tie_rule, qann_tensor=self.qann_tensor,
-            qann_code_min=self.qann_code_min)
+            zero_point=self.zero_point, **_twin_attrs(self))
 
     def make_decode(self, c: str, x: str, name: str) -> onnx.NodeProto:
         return helper.make_node(RATE_DECODE, [c], [x], name=name, domain=DOMAIN, steps=self.N,
@@ -232,7 +239,7 @@ def rate_decode_spec(node: onnx.NodeProto) -> tuple[int, float, int]:
 
 
 @dataclass(frozen=True)
-class ContinuousEmitSpec:
+class ContinuousEmitSpec(Window):
     """Everything a ContinuousEmit node carries; same interface as EmitSpec for the passes.
 
     Only ``a``, ``b`` and ``T`` are free: kernels and threshold follow from them (ContinuousStage),
@@ -252,10 +259,6 @@ class ContinuousEmitSpec:
     def from_node(cls, node: onnx.NodeProto) -> "ContinuousEmitSpec":
         a = attrs(node)
         return cls(int(a["window"]), float(a["a"]), float(a["b"]), attr_text(a.get("source_tensor", "")))
-
-    @property
-    def N(self) -> int:
-        return self.T - 1
 
     @property
     def qann_tensor(self) -> str:
@@ -301,6 +304,17 @@ def emit_spec(node: onnx.NodeProto) -> EmitSpec | RateEmitSpec | ContinuousEmitS
     """The spec of an emission node of either coding, or None for any other node."""
     cls = EMIT_SPECS.get(node.op_type) if node.domain == DOMAIN else None
     return cls.from_node(node) if cls else None
+
+
+def emissions(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, EmitSpec | RateEmitSpec | ContinuousEmitSpec]]:
+    """Every emission node of ``model``, any coding, with its spec, in graph order.
+
+    The walk that stage listings, reports and the verifier's probes all start from.
+    """
+    for node in model.graph.node:
+        spec = emit_spec(node)
+        if spec is not None:
+            yield node, spec
 
 
 def stage_steps(node: onnx.NodeProto) -> int:

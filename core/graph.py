@@ -29,7 +29,8 @@ class GraphIndex:
         self.graph = model.graph
         self.inits = Initializers(model)
         self.graph_outputs = {o.name for o in self.graph.output}
-        self._nodes: list[onnx.NodeProto] = [_copy(n) for n in self.graph.node] if detached else list(self.graph.node)
+        nodes = self.graph.node
+        self._nodes: list[onnx.NodeProto] = [copy_node(n) for n in nodes] if detached else list(nodes)
         # edits are recorded and applied in one sweep when the node list is next read: rewriting
         # every quantizer of a real model would otherwise search and rebuild the list per edit
         self._pending: dict[int, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}  # id -> (node, what it became)
@@ -150,8 +151,12 @@ class GraphIndex:
         return t
 
 
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    """A detached copy: its identity stays stable while the index edits the list around it."""
+def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A detached copy, to edit without touching the node it came from.
+
+    The index keeps such copies so their identity stays stable while it edits the list around
+    them; passes copy a node they rewire into new names the same way.
+    """
     c = onnx.NodeProto()
     c.CopyFrom(node)
     return c

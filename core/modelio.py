@@ -248,6 +248,21 @@ class SpillFile:
         self.file = os.fdopen(fd, "wb")
         self.offset = 0
 
+    @classmethod
+    def beside(cls, out_path: str | os.PathLike, tag: str) -> "SpillFile":
+        """A spill file in the folder ``out_path`` will be written to (created if needed).
+
+        Use it as ``with SpillFile.beside(out, tag) as spill:``: it is deleted however the block ends,
+        after the ``save_model`` inside the block has streamed its tensors into the output.
+        """
+        return cls(Path(out_path).resolve().parent, tag)
+
+    def __enter__(self) -> "SpillFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def begin(self) -> int:
         """Align and return where the next tensor starts."""
         pad = (-self.offset) % 64

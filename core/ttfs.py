@@ -131,8 +131,40 @@ def tie_blocked(t_ref: int, N: int) -> np.ndarray:
     return (t_ref - np.arange(N)) % 2 != 0
 
 
+class Window:
+    """Something with a window of ``T`` slots: ``N = T - 1`` firing slots, slot ``N`` the silent time.
+
+    The one definition of ``N`` for the stages here and the emission specs of ``ttfsc.dialect``
+    (a subclass declares the field ``T``).
+    """
+
+    T: int
+
+    @property
+    def N(self) -> int:
+        return self.T - 1
+
+
+class StepKernels(Window):
+    """A stage whose kernels are one ``step`` per slot, ``step`` being the subclass's.
+
+    A constant output kernel ``psi``, and the step input kernel its consumers integrate (Theorem 2
+    with f = identity): Corollary 1's stage (step = the QANN's scale) and the continuous baseline's
+    (step = (b - a) / T) share both.
+    """
+
+    step: np.float32
+
+    def psi(self) -> np.ndarray:
+        return np.full(self.N, self.step, dtype=np.float32)
+
+    def eta(self) -> np.ndarray:
+        """Step input kernel seen by a consumer of this stage: one step's value per slot."""
+        return np.full(self.N, self.step, dtype=np.float32)
+
+
 @dataclass(frozen=True)
-class UniformStage:
+class UniformStage(StepKernels):
     """A Corollary-1 stage: the TTFS neuron equivalent to an asymmetric quantizer.
 
     ``scale`` and ``zero_point`` are the QANN's (unsigned codes 0..N); everything the neuron
@@ -143,10 +175,6 @@ class UniformStage:
     zero_point: int
     T: int
     tie_rule: str = "half_even"
-
-    @property
-    def N(self) -> int:
-        return self.T - 1
 
     @property
     def step(self) -> np.float32:
@@ -178,13 +206,6 @@ class UniformStage:
     def theta(self) -> np.float32:
         """theta = b - Delta with Delta = step/2: floor becomes round-to-nearest."""
         return corollary1_theta(self.scale, self.t_ref)
-
-    def psi(self) -> np.ndarray:
-        return np.full(self.N, self.step, dtype=np.float32)
-
-    def eta(self) -> np.ndarray:
-        """Step input kernel seen by a consumer of this stage (Theorem 2 with f = identity)."""
-        return np.full(self.N, self.step, dtype=np.float32)
 
     def clip_bounds(self) -> tuple[np.float32, np.float32]:
         """[a, b]: the value range the stage can represent; the QANN clips to exactly this."""
@@ -411,7 +432,7 @@ def continuous_window(T: int) -> int:
 
 
 @dataclass(frozen=True)
-class ContinuousStage:
+class ContinuousStage(StepKernels):
     """A TTFSFormer-style stage: the continuous theory's kernels (Eq. 4) sampled on the discrete clock.
 
     The range ``[a, b]`` is the float activation's calibrated min/max and ``tau = T / (b - a)``
@@ -454,10 +475,6 @@ class ContinuousStage:
         return cls(float(a), float(b), int(T))
 
     @property
-    def N(self) -> int:
-        return self.T - 1
-
-    @property
     def step(self) -> np.float32:
         """Value of one time step, 1/tau = (b - a) / T, in float32 as the runtime uses it."""
         return np.float32((np.float64(self.b) - np.float64(self.a)) / self.T)
@@ -479,13 +496,6 @@ class ContinuousStage:
     def theta_slot(self) -> np.float32:
         """theta as ttfsc's emit phase compares it, at the start of a slot (see the class docstring)."""
         return np.float32(np.float64(self.b) - np.float64(self.step))
-
-    def psi(self) -> np.ndarray:
-        return np.full(self.N, self.step, dtype=np.float32)
-
-    def eta(self) -> np.ndarray:
-        """Input kernel a consumer of this stage integrates: f' = 1, one step's value per slot."""
-        return np.full(self.N, self.step, dtype=np.float32)
 
     def values(self) -> np.ndarray:
         """Value of each spike time t = 0..N (N silent = a): the table decoders and receivers gather."""

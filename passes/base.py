@@ -51,10 +51,18 @@ class PassReport:
 
 
 class Pass:
-    """An ordered set of rules. Each rule sees the graph as the previous one left it."""
+    """An ordered set of rules. Each rule sees the graph as the previous one left it.
+
+    A pass declares its rules as ``rule_types``; each pass object builds its own instances, since a
+    rule may keep what it learnt about the one graph it runs on (NeuronRule caches tensor types).
+    A pass whose rules take arguments builds them in its own ``__init__``.
+    """
 
     name = "pass"
-    rules: tuple[Rule, ...] = ()
+    rule_types: tuple[type[Rule], ...] = ()
+
+    def __init__(self) -> None:
+        self.rules: tuple[Rule, ...] = tuple(rule() for rule in self.rule_types)
 
     def run(self, model: onnx.ModelProto) -> PassReport:
         report = PassReport(self.name)

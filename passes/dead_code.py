@@ -27,7 +27,7 @@ class DeadCode(Pass):
     """Repeat until nothing is dead (a removed node can orphan its producers), then drop initializers."""
 
     name = "dead_code"
-    rules = (RemoveDeadNodes(),)
+    rule_types = (RemoveDeadNodes,)
 
     def run(self, model: onnx.ModelProto) -> PassReport:
         total = PassReport(self.name)

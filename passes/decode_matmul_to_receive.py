@@ -67,4 +67,4 @@ class DecodeMatMulToReceive(Rule):
 
 class DecodeMatMulToReceivePass(Pass):
     name = "decode_matmul_to_receive"
-    rules = (DecodeMatMulToReceive(),)
+    rule_types = (DecodeMatMulToReceive,)

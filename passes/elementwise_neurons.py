@@ -29,9 +29,8 @@ import numpy as np
 from ttfsc.graph import GraphIndex
 from ttfsc.neuron import NeuronSpec
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import (ELEMENTWISE, Group, NeuronRule, eval_body_f64, input_stage, realise_table,
+from ttfsc.passes.neuron_groups import (ELEMENTWISE, Group, NeuronRule, eval_body_f64, realise_table, target_kernel,
                                         two_values)
-from ttfsc.ttfs import theorem2_eta
 
 #: recognisable targets, by the set of arithmetic ops in the group
 TARGETS = {frozenset({"Sigmoid", "Mul"}): "silu", frozenset({"Exp"}): "exp", frozenset({"Pow"}): "square",
@@ -61,7 +60,6 @@ class ElementwiseToNeuron(NeuronRule):
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
-        inp = input_stage(kw)
         body = m.nodes["body"]
         names = [vi.name for vi in body.input]  # spike, sides, constants, in this order
         x_name, n_side = names[0], len(grp.sides)
@@ -71,9 +69,8 @@ class ElementwiseToNeuron(NeuronRule):
         def f(x: np.ndarray) -> np.ndarray:
             return eval_body_f64(m.nodes["body"], {x_name: x, **sides, **consts})
 
-        a_in = float(inp.a)
-        kw.update(target=target_name(grp), eta=(tuple(theorem2_eta(f, a_in, kw["steps_in"][0], inp.N)),),
-                  c_offset=(float(f(np.float64(a_in))),), weights=(1.0,), synapse="one_to_one", fan_in=1)
+        eta, c = target_kernel(f, kw)
+        kw.update(target=target_name(grp), eta=(eta,), c_offset=(c,), weights=(1.0,), synapse="one_to_one", fan_in=1)
 
     def realise(self, g: GraphIndex, m: Match, spec: NeuronSpec, feeds: list[str]) -> None:
         """A table of the realised function; with a two-valued mask, a table plus an inhibitory gate.
@@ -104,6 +101,4 @@ class ElementwiseToNeuron(NeuronRule):
 
 class ElementwiseNeurons(Pass):
     name = "elementwise_neurons"
-
-    def __init__(self):
-        self.rules = (ElementwiseToNeuron(),)
+    rule_types = (ElementwiseToNeuron,)

@@ -15,10 +15,9 @@ through everything that reads them (Q.K^T, P.V, the ``present`` outputs and the 
 """
 from __future__ import annotations
 
-import onnx
 from onnx import helper
 
-from ttfsc.graph import DATA_MOVEMENT, GraphIndex
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex, copy_node
 from ttfsc.passes.base import Match, Pass
 from ttfsc.passes.neuron_groups import Group, NeuronRule
 from ttfsc.dialect import EmitSpec, emit_spec
@@ -65,8 +64,7 @@ class KvCacheRelay(NeuronRule):
         rename = {grp.spikes[0][0]: grp.spikes[0][1], past: past_t, grp.root: out}
         wired = []
         for n in grp.nodes:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
+            c = copy_node(n)
             c.name = f"{n.name or n.output[0]}/times"
             c.input[:] = [rename.get(x, x) for x in c.input]
             c.output[:] = [rename.get(x, f"{x}/times") for x in c.output]
@@ -79,6 +77,4 @@ class KvCacheRelay(NeuronRule):
 
 class KvRelay(Pass):
     name = "kv_relay"
-
-    def __init__(self):
-        self.rules = (KvCacheRelay(),)
+    rule_types = (KvCacheRelay,)

@@ -82,6 +82,4 @@ class WiredLinearToNeuron(NeuronRule):
 
 class LinearNeurons(Pass):
     name = "linear_neurons"
-
-    def __init__(self):
-        self.rules = (LinearToNeuron(), WiredLinearToNeuron())
+    rule_types = (LinearToNeuron, WiredLinearToNeuron)

@@ -18,6 +18,7 @@ onnxruntime on every input time), and the node replacing the emission.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +26,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from ttfsc.dialect import DECODE, EMIT, EmitSpec, decode_spec, time_elem_type
-from ttfsc.graph import DATA_MOVEMENT, GraphIndex
+from ttfsc.graph import DATA_MOVEMENT, GraphIndex, copy_node
 from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.passes.base import Match, Rule
 from ttfsc.runtime.session import exact_options, lower_model, open_session
-from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, time_dtype
+from ttfsc.ttfs import DOMAIN, UniformStage, decode_times, theorem2_eta, time_dtype
 
 #: elementwise arithmetic a one-input table neuron may contain
 ELEMENTWISE = {"Sigmoid", "Mul", "Add", "Sub", "Div", "Sqrt", "Exp", "Log", "Pow", "Erf", "Tanh", "Neg",
@@ -164,7 +165,7 @@ def build_body(g: GraphIndex, grp: Group, info: dict) -> tuple[onnx.GraphProto, 
         inputs.append(helper.make_tensor_value_info(scope + name, elem, None))
     nodes = []
     for n in grp.nodes:
-        c = _copy(n)
+        c = copy_node(n)
         c.input[:] = [scope + x if x else x for x in c.input]
         c.output[:] = [scope + x if x else x for x in c.output]
         nodes.append(c)
@@ -172,12 +173,6 @@ def build_body(g: GraphIndex, grp: Group, info: dict) -> tuple[onnx.GraphProto, 
                              [helper.make_tensor_value_info(scope + grp.root, TensorProto.FLOAT, None)])
     feeds = [t for _, t, _ in grp.spikes] + grp.sides + grp.consts
     return body, feeds
-
-
-def _copy(n: onnx.NodeProto) -> onnx.NodeProto:
-    c = onnx.NodeProto()
-    c.CopyFrom(n)
-    return c
 
 
 def static_dim(info: dict, name: str, axis: int = -1) -> int:
@@ -236,6 +231,17 @@ def input_grid(times: int, t_ref: int, step: float) -> np.ndarray:
 def input_stage(kw: dict, j: int = 0) -> UniformStage:
     """The uniform stage that spike input ``j`` of a neuron under construction comes from."""
     return UniformStage.from_timing(kw["steps_in"][j], kw["t_refs_in"][j], kw["windows_in"][j])
+
+
+def target_kernel(f: Callable[[np.ndarray], np.ndarray], kw: dict) -> tuple[tuple[float, ...], float]:
+    """eta and c_offset of a synapse integrating ``f`` of spike input 0 (Theorem 2 on its grid).
+
+    The table, mean-square and log-sum-exp neurons all receive f(x) of one input: eta from f's
+    steps on that input's grid, ``c_offset = f(a_in)`` (f at the silent time), in float64.
+    """
+    inp = input_stage(kw)
+    a_in = float(inp.a)
+    return tuple(theorem2_eta(f, a_in, kw["steps_in"][0], inp.N)), float(f(np.float64(a_in)))
 
 
 def step_kernel(T: int, t_ref: int, step: float) -> tuple[np.ndarray, float]:

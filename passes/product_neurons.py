@@ -48,6 +48,4 @@ class ProductToNeuron(NeuronRule):
 
 class ProductNeurons(Pass):
     name = "product_neurons"
-
-    def __init__(self):
-        self.rules = (ProductToNeuron(),)
+    rule_types = (ProductToNeuron,)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import onnx
 
-from ttfsc.graph import GraphIndex
+from ttfsc.graph import GraphIndex, copy_node
 from ttfsc.passes.base import Match, Pass, Rule
 from ttfsc.dialect import ContinuousEmitSpec
 from ttfsc.ttfs import ContinuousStage
@@ -60,8 +60,7 @@ class ActivationToContinuous(Rule):
         t, xq = f"{base}/continuous_t", f"{base}/continuous_x"
         stage_nodes = [spec.make_node(x, t, f"{base}/continuous_emit"), spec.make_decode(t, xq, f"{base}/continuous_decode")]
         for mm in m.nodes["linears"]:
-            new = onnx.NodeProto()
-            new.CopyFrom(mm)
+            new = copy_node(mm)
             new.input[0] = xq
             g.replace_node(mm, (stage_nodes if mm is m.anchor else []) + [new])
 

@@ -128,6 +128,7 @@ class QdqToEmit(Pass):
     """All activation quantizers of the graph become TTFS emissions."""
 
     name = "qdq_to_emit"
+    rule_types: tuple[type[QuantDequantToEmit], ...] = (QuantDequantToEmit,)
 
-    def __init__(self, T: int, requantize: bool = False):
-        self.rules = (QuantDequantToEmit(T, requantize),)
+    def __init__(self, T: int | None, requantize: bool = False):
+        self.rules = tuple(rule(T, requantize) for rule in self.rule_types)

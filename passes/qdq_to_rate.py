@@ -10,8 +10,7 @@ RateReceives, as it does for TTFS.
 """
 from __future__ import annotations
 
-from ttfsc.passes.base import Pass
-from ttfsc.passes.qdq_to_emit import QuantDequantToEmit
+from ttfsc.passes.qdq_to_emit import QdqToEmit, QuantDequantToEmit
 from ttfsc.dialect import RateEmitSpec
 from ttfsc.ttfs import RateStage
 
@@ -27,10 +26,8 @@ class QuantDequantToRate(QuantDequantToEmit):
                                        qann_code_min=qann_code_min)
 
 
-class QdqToRate(Pass):
+class QdqToRate(QdqToEmit):
     """All activation quantizers of the graph become rate-coded emissions of N = T - 1 steps."""
 
     name = "qdq_to_rate"
-
-    def __init__(self, T: int, requantize: bool = False):
-        self.rules = (QuantDequantToRate(T, requantize),)
+    rule_types = (QuantDequantToRate,)

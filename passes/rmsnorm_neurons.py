@@ -18,8 +18,7 @@ import numpy as np
 
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass
-from ttfsc.passes.neuron_groups import Group, NeuronRule, input_stage, static_dim
-from ttfsc.ttfs import theorem2_eta
+from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim, target_kernel
 
 
 class MeanSquareToNeuron(NeuronRule):
@@ -34,16 +33,12 @@ class MeanSquareToNeuron(NeuronRule):
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
-        inp = input_stage(kw)
-        a_in = float(inp.a)
+        eta, c = target_kernel(np.square, kw)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        kw.update(target="mean_square", eta=(tuple(theorem2_eta(np.square, a_in, kw["steps_in"][0], inp.N)),),
-                  c_offset=(a_in * a_in,), weights=(1.0 / fan_in if fan_in > 0 else 0.0,), synapse="mean",
-                  fan_in=fan_in)
+        kw.update(target="mean_square", eta=(eta,), c_offset=(c,), weights=(1.0 / fan_in if fan_in > 0 else 0.0,),
+                  synapse="mean", fan_in=fan_in)
 
 
 class RMSNormNeurons(Pass):
     name = "rmsnorm_neurons"
-
-    def __init__(self):
-        self.rules = (MeanSquareToNeuron(),)
+    rule_types = (MeanSquareToNeuron,)

@@ -7,7 +7,7 @@ then has no consumer left and dead-code removes it (no float decoding kept alive
 """
 from __future__ import annotations
 
-from ttfsc.graph import GraphIndex
+from ttfsc.graph import GraphIndex, copy_node
 from ttfsc.passes.base import Match, Pass, Rule
 from ttfsc.dialect import DECODE
 from ttfsc.ttfs import DOMAIN
@@ -51,8 +51,7 @@ class ShapeOfSpikeTimes(Rule):
         return out
 
     def rewrite(self, g: GraphIndex, m: Match) -> None:
-        new = type(m.anchor)()
-        new.CopyFrom(m.anchor)
+        new = copy_node(m.anchor)
         new.input[0] = m.nodes["decode"].input[0]
         retyped = chain_outputs(g, m.anchor)  # these now carry integer times: drop stale float types
         g.replace_node(m.anchor, [new])
@@ -63,6 +62,4 @@ class ShapeOfSpikeTimes(Rule):
 
 class ShapeOfSpikes(Pass):
     name = "shape_of_spikes"
-
-    def __init__(self):
-        self.rules = (ShapeOfSpikeTimes(),)
+    rule_types = (ShapeOfSpikeTimes,)

@@ -25,8 +25,8 @@ import numpy as np
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass
 from ttfsc.dialect import EmitSpec
-from ttfsc.passes.neuron_groups import Group, NeuronRule, input_stage, static_dim
-from ttfsc.ttfs import output_kernels, rounding_top, theorem2_eta
+from ttfsc.passes.neuron_groups import Group, NeuronRule, static_dim, target_kernel
+from ttfsc.ttfs import output_kernels, rounding_top
 
 
 class LogSumExpToNeuron(NeuronRule):
@@ -40,8 +40,6 @@ class LogSumExpToNeuron(NeuronRule):
 
     def kernels(self, g: GraphIndex, m: Match, kw: dict) -> None:
         grp: Group = m.nodes["group"]
-        inp = input_stage(kw)
-        a_in = float(inp.a)
         e: EmitSpec = kw["emit"]
         out = e.stage()
         unit = float(rounding_top(out.b, out.step))  # potentials in units of exp(b')
@@ -53,12 +51,11 @@ class LogSumExpToNeuron(NeuronRule):
         kw["emit"] = EmitSpec(e.T, e.t_ref, e.step, tuple(float(v) for v in psi), float(theta), e.tie_rule,
                               e.qann_tensor, e.qann_code_min)
         fan_in = static_dim(m.nodes["info"], grp.spikes[0][0], -1)
-        kw.update(target="log_sum_exp", eta=(tuple(theorem2_eta(exp_u, a_in, kw["steps_in"][0], inp.N)),),
-                  c_offset=(float(exp_u(np.float64(a_in))),), weights=(1.0,), synapse="fixed", fan_in=fan_in, h="log")
+        eta, c = target_kernel(exp_u, kw)
+        kw.update(target="log_sum_exp", eta=(eta,), c_offset=(c,), weights=(1.0,), synapse="fixed", fan_in=fan_in,
+                  h="log")
 
 
 class SoftmaxNeurons(Pass):
     name = "softmax_neurons"
-
-    def __init__(self):
-        self.rules = (LogSumExpToNeuron(),)
+    rule_types = (LogSumExpToNeuron,)

@@ -81,8 +81,8 @@ from ttfsc.graph import GraphIndex, extra_outputs
 from ttfsc.quantizer.calibration import Log, make_observer, session
 from ttfsc.quantizer.config import FULL_KINDS as KINDS, WIDTHS, QuantConfig
 from ttfsc.quantizer.prefix import calibration_feeds, save_prefix
-from ttfsc.quantizer.qdq import (Names, activation_chain, activation_names, drop_unused_initializers, find_linears,
-                                 quantize_weights, replace_metadata, use_contrib_domain)
+from ttfsc.quantizer.qdq import (Names, activation_chain, activation_names, drop_unused_initializers, float_linears,
+                                 quantize_weights, save_qann, use_contrib_domain)
 from ttfsc.quantizer.ranges import SEARCH_RATIOS, ActParams, activation_params, fake_quant, searched_ranges
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, format_ids
 from ttfsc.ttfs import MAX_BITS, window_for_bits
@@ -544,10 +544,7 @@ def quantize_float_full(tf: Any, original: str, out_path: str, config: QuantConf
     model = modelio.load_model(path)
     names = Names(model)
     softmaxes = decompose_softmax(model, names)
-    linears = find_linears(model)
-    if not linears:
-        raise TtfscError(f"{original}: no MatMul with a float32 initializer weight to quantize; "
-                         "give a float model exported with `ttfsc export` (not an already quantized one).")
+    linears = float_linears(model, original)
     points = plan(model, softmaxes, linears)
     width = {p.tensor: _point_bits(p, abits, windows, overrides) for p in points}
     width.update({p.tensor: width[p.shares] for p in points if p.kind == "kv"})
@@ -623,16 +620,11 @@ def _count(points: Iterable[QPoint]) -> str:
 def write_full(model: onnx.ModelProto, linears: list[onnx.NodeProto], points: list[QPoint], params: dict[str, ActParams],
                wbits: int, meta: dict[str, str], out_path: str) -> int:
     """Weights to int8 + every point's Clip -> Q -> DQ; save atomically. Returns the number of weights."""
-    spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
-    try:
+    with modelio.SpillFile.beside(out_path, "qweights") as spill:
         w_chains, replaced = quantize_weights(model, linears, wbits, spill)
         for nodes, _ in w_chains:
             model.graph.node.extend(nodes)
         kinds, kv = insert_chains(model, points, params, Names(model))
         use_contrib_domain(model, params.values())
-        drop_unused_initializers(model, replaced)
-        replace_metadata(model, {**meta, FULL_META: "1", GROUPS_META: json.dumps(kinds), KV_META: json.dumps(kv)})
-        modelio.save_model(model, out_path)
-    finally:
-        spill.close()
-    return len(replaced)
+        full_meta = {**meta, FULL_META: "1", GROUPS_META: json.dumps(kinds), KV_META: json.dumps(kv)}
+        return save_qann(model, replaced, full_meta, out_path)

@@ -40,7 +40,6 @@ in row blocks and spilled to a temporary file that ``modelio.save_model`` stream
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -74,6 +73,23 @@ def find_linears(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2:
             out.append(node)
     return out
+
+
+#: what the user is told when a model has no linear layer to quantize (an already quantized one, most likely)
+NOT_A_FLOAT_MODEL = (" to quantize; give a float model exported with `ttfsc export` "
+                     "(not an already quantized one).")
+
+
+def float_linears(model: onnx.ModelProto, path: str, hint: str = NOT_A_FLOAT_MODEL) -> list[onnx.NodeProto]:
+    """``find_linears``, or the user error of a model that has none: ``path`` is not a float export.
+
+    Quantizing and the continuous baseline both start from the float model's linear layers;
+    ``hint`` ends the message with what the caller needs.
+    """
+    linears = find_linears(model)
+    if not linears:
+        raise TtfscError(f"{path}: no MatMul with a float32 initializer weight{hint}")
+    return linears
 
 
 def activation_names(model: onnx.ModelProto, linears: list[onnx.NodeProto]) -> list[str]:
@@ -263,14 +279,20 @@ def quantize_activations(model: onnx.ModelProto, linears: list[onnx.NodeProto],
 def write_qann(model: onnx.ModelProto, linears: list[onnx.NodeProto], params: dict[str, ActParams], wbits: int,
                meta: dict[str, str], out_path: str | os.PathLike, hessians: dict[str, Any] | None = None) -> int:
     """Rewrite ``model`` into the QDQ form and save it; quantized weights pass through a spill file."""
-    spill = modelio.SpillFile(Path(out_path).resolve().parent, "qweights")
-    try:
+    with modelio.SpillFile.beside(out_path, "qweights") as spill:
         w_chains, replaced = quantize_weights(model, linears, wbits, spill, hessians)
         a_chains = quantize_activations(model, linears, params)
         insert_before_consumers(model, w_chains + a_chains)
-        drop_unused_initializers(model, replaced)
-        replace_metadata(model, meta)
-        modelio.save_model(model, out_path)
-    finally:
-        spill.close()
+        return save_qann(model, replaced, meta, out_path)
+
+
+def save_qann(model: onnx.ModelProto, replaced: set[str], meta: dict[str, str], out_path: str | os.PathLike) -> int:
+    """The end every QANN writer shares: drop the float weights the int8 ones replaced, set ``meta``, save.
+
+    Returns the number of weights quantized. Call it inside the spill file's block: the save
+    streams the new weights out of it.
+    """
+    drop_unused_initializers(model, replaced)
+    replace_metadata(model, meta)
+    modelio.save_model(model, out_path)
     return len(replaced)

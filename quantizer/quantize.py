@@ -26,13 +26,12 @@ from typing import Any
 import numpy as np
 
 from ttfsc import modelio
-from ttfsc.errors import TtfscError
 from ttfsc.quantizer.calibration import Log
 from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig
 from ttfsc.quantizer.full import quantize_float_full
 from ttfsc.quantizer.gptq import collect_hessians
 from ttfsc.quantizer.prefix import save_prefix
-from ttfsc.quantizer.qdq import activation_names, check_opset, find_linears, write_qann
+from ttfsc.quantizer.qdq import activation_names, check_opset, float_linears, write_qann
 from ttfsc.quantizer.ranges import SEARCH_RATIOS, ActParams, Calibration, calibrate_model, split_finite
 from ttfsc.quantizer.transforms import Transform, transformed
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, format_ids
@@ -67,10 +66,7 @@ def quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, co
     """Calibrate and quantize the (transformed) float model ``tf.path``; write the QANN and prefix.npz."""
     path = tf.path
     model = modelio.load_model(path)
-    linears = find_linears(model)
-    if not linears:
-        raise TtfscError(f"{original}: no MatMul with a float32 initializer weight to quantize; "
-                         "give a float model exported with `ttfsc export` (not an already quantized one).")
+    linears = float_linears(model, original)
     acts = activation_names(model, linears)
     t0 = time.perf_counter()
     cal = calibrate_model(model, path, linears, acts, config.calib, config.method, config.percentile, config.bits,

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -419,6 +419,21 @@ def _save(model: onnx.ModelProto, model_path: str | os.PathLike, out_path: str |
     modelio.copy_sidecars(str(Path(model_path).resolve().parent), str(Path(out_path).resolve().parent))
 
 
+@contextlib.contextmanager
+def _transforming(model_path: str | os.PathLike,
+                  out_path: str | os.PathLike) -> Iterator[tuple[onnx.ModelProto, GraphIndex, WeightWriter]]:
+    """Load ``model_path`` for an in-place weight transform; save it to ``out_path`` if the block ends normally.
+
+    Yields the model, a live index of it and a weight writer. Every transform here (rotation,
+    smoothing, online Hadamard) edits the loaded model in place, spills its new weights beside the
+    output and saves once; the spill file goes however the block ends.
+    """
+    model = modelio.load_model(model_path)
+    with modelio.SpillFile.beside(out_path, "rotate") as spill:
+        yield model, GraphIndex.live(model), WeightWriter(model, spill)
+        _save(model, model_path, out_path)
+
+
 def _head_dim(model_path: str | os.PathLike) -> int | None:
     """head_dim from config.json beside the model (explicit, or hidden_size / num_attention_heads)."""
     cfg = Path(model_path).resolve().parent / "config.json"
@@ -481,13 +496,9 @@ def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, see
     ``fold_only`` stops after gamma folding (no rotation). ``value_heads`` also rotates each value
     head (v_proj columns, o_proj rows) by a Hadamard when head_dim is known. Returns what changed.
     """
-    model = modelio.load_model(model_path)
-    s = analyse(model)
-    q = None if fold_only else rotation(s.hidden, seed, kind)
-    g = GraphIndex.live(model)
-    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
-    try:
-        wr = WeightWriter(model, spill)
+    with _transforming(model_path, out_path) as (model, g, wr):
+        s = analyse(model)
+        q = None if fold_only else rotation(s.hidden, seed, kind)
         folded = _fold_and_rotate_readers(s, g, wr, q)
         heads = 0
         if q is not None:
@@ -496,9 +507,6 @@ def rotate_model(model_path: str | os.PathLike, out_path: str | os.PathLike, see
             hd = _head_dim(model_path) if value_heads else None
             heads = rotate_value_heads(g, wr, hd, seed) if hd else 0
         set_metadata(model, {"ttfsc.rotation": "none" if q is None else f"{kind} seed={seed}"})
-        _save(model, model_path, out_path)
-    finally:
-        spill.close()
     return {"model": str(model_path), "output": str(out_path), "kind": None if fold_only else kind, "seed": seed,
             "hidden": s.hidden, "gammas_folded": folded, "readers": sum(len(n.readers) for n in s.norms),
             "writers": len(s.writers), "embedding": s.embed, "untied": wr.untied, "value_heads_rotated": heads}
@@ -566,14 +574,9 @@ def smooth_model(model_path: str | os.PathLike, out_path: str | os.PathLike, act
     """
     if not 0.0 <= alpha <= 1.0:
         raise TtfscError(f"alpha {alpha} is outside [0, 1]; SmoothQuant uses 0.5 (0.75 for hard models).")
-    model = modelio.load_model(model_path)
-    s = analyse(model)
-    g = GraphIndex.live(model)
-    by_tensor = {n.output: n for n in s.norms}
-    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
     done = []
-    try:
-        wr = WeightWriter(model, spill)
+    with _transforming(model_path, out_path) as (model, g, wr):
+        by_tensor = {n.output: n for n in analyse(model).norms}
         for name, amax in act_max.items():
             amax = np.asarray(amax, dtype=np.float64).reshape(-1)
             if name in by_tensor:
@@ -586,9 +589,6 @@ def smooth_model(model_path: str | os.PathLike, out_path: str | os.PathLike, act
                 _smooth_swiglu(linear, g, wr, amax, alpha)
             done.append(name)
         set_metadata(model, {"ttfsc.smoothing": f"alpha={alpha} tensors={len(done)}"})
-        _save(model, model_path, out_path)
-    finally:
-        spill.close()
     return {"model": str(model_path), "output": str(out_path), "alpha": alpha, "smoothed": done}
 
 
@@ -658,11 +658,7 @@ def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLik
     an online Hadamard. Function-preserving up to float rounding; it costs one float d_ff x d_ff
     MatMul per block, reported by the caller.
     """
-    model = modelio.load_model(model_path)
-    g = GraphIndex.live(model)
-    spill = modelio.SpillFile(Path(out_path).resolve().parent, "rotate")
-    try:
-        wr = WeightWriter(model, spill)
+    with _transforming(model_path, out_path) as (model, g, wr):
         downs = _down_linears(g)
         for k, node in enumerate(downs):
             w = _current_weight(wr, g, node)
@@ -676,9 +672,6 @@ def rotate_down_inputs(model_path: str | os.PathLike, out_path: str | os.PathLik
                 _set_weight(wr, g, node, _left(h.T, w, None), _use_count(g, name) > 1)
             node.input[0] = x_rot
         set_metadata(model, {"ttfsc.down_rotation": f"online hadamard seed={seed} blocks={len(downs)}"})
-        _save(model, model_path, out_path)
-    finally:
-        spill.close()
     return {"model": str(model_path), "output": str(out_path), "rotated": len(downs)}
 
 

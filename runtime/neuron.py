@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ttfsc.graph import copy_node
 from ttfsc.neuron import NeuronSpec
 from ttfsc.runtime.kernels import Lowering, decode_times, emit_uniform
 from ttfsc.ttfs import time_dtype
@@ -48,8 +49,7 @@ def inline_body(lw: Lowering, node: onnx.NodeProto, spec: NeuronSpec) -> str:
         rename[inp.name] = src
     prefix = lw.prefix
     for n in spec.body.node:
-        c = onnx.NodeProto()
-        c.CopyFrom(n)
+        c = copy_node(n)
         c.name = f"{prefix}/body/{n.name or n.output[0]}"
         for k, x in enumerate(c.input):
             if x:
