@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from ttfsc.errors import TtfscError
-from ttfsc.ttfs import MAX_BITS, MIN_BITS, bits_for_window
+from ttfsc.ttfs import MAX_BITS, MIN_BITS, bits_for_window, window_for_bits
 
 WEIGHT_BITS = {8: 127, 4: 7}  # wbits -> largest symmetric code
 WEIGHT_METHODS = ("rtn", "gptq")  # round to nearest, or GPTQ (quantizer/gptq.py) onto the same grid
@@ -256,7 +256,7 @@ def parse_windows(specs: Sequence[str] | None) -> dict[str, int]:
         bits = _window_bits(levels)
         if not sep or not kinds or bits is None:
             raise TtfscError(f"--window {spec!r}: expected KIND=LEVELS with KIND one of {', '.join(valid)} and LEVELS "
-                             f"a power of two in {1 << MIN_BITS}..{1 << MAX_BITS}, e.g. --window softmax=256.")
+                             f"a power of two in {window_for_bits(MIN_BITS)}..{window_for_bits(MAX_BITS)}, e.g. --window softmax=256.")
         out.update({k: bits for k in kinds})
     return out
 
