@@ -6,8 +6,11 @@ layers below and is imported only when the command runs, so ``ttfsc --help`` sta
 eval, inspect, report and sweep are defined by their own modules, which hold HELP,
 add_arguments(parser) and cli(args) (``module_command``).
 
-Every user error surfaces as one line ``ttfsc: error: ...`` and exit status 2; an unexpected
-failure prints one line and exit status 3 (set TTFSC_DEBUG=1 to see the traceback).
+Every user error surfaces as one line ``ttfsc: error: ...`` and exit status 2, argument errors
+included (``Parser``); an unexpected failure prints one line and exit status 3 (set TTFSC_DEBUG=1
+to see the traceback). This module imports nothing heavy at its top: the command modules (numpy,
+onnx) are imported inside ``main``'s try, so a Ctrl-C while they load is "interrupted", not a
+traceback.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from ttfsc.errors import TtfscError
-from ttfsc.ttfs import CODINGS, NEURONS
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,37 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     description: str | None = None
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command and where its help is.
+
+    argparse's own error prints the whole usage block (6-13 lines for compile), which buries the
+    one line that says what is wrong. Subparsers are made of the same class (argparse's default).
+    """
+
+    subcommands: dict[str, argparse.ArgumentParser]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommands = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, argument_error(self.prog, message) + "\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's signature
+        """As argparse, but unknown options are blamed on the subcommand they were given to."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.subcommands.get(getattr(ns, "cmd", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+
+def argument_error(prog: str, message: str) -> str:
+    """``ttfsc: error: compile: <message> (see ttfsc compile -h)``, on one line."""
+    command = prog.partition(" ")[2]
+    where = f"{command}: " if command else ""
+    return f"ttfsc: error: {where}{' '.join(message.split())} (see {prog} -h)"
 
 
 def module_command(module: str) -> Command:
@@ -51,7 +85,7 @@ def _window(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"-T {text!r}: give a power of two such as 64, or auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a window: give a power of two such as 64, or auto") from None
 
 
 # ---------------------------------------------------------------- export
@@ -83,6 +117,7 @@ def quantize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- compile
 
 def compile_arguments(p: argparse.ArgumentParser) -> None:
+    from ttfsc.ttfs import CODINGS, NEURONS
     p.add_argument("model", help="QDQ .onnx (from ttfsc quantize), or a float .onnx, which is quantized first "
                    "with log2(T) activation bits")
     p.add_argument("-T", dest="T", type=_window, required=True,
@@ -163,19 +198,20 @@ def commands() -> dict[str, Command]:
 
 
 def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = Parser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, cmd in (table or commands()).items():
-        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.description))
+        ap.subcommands[name] = sub.add_parser(name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(ap.subcommands[name])
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    table = commands()
-    args = build_parser(table).parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        table = commands()  # imports the command modules: inside the try, so Ctrl-C here is "interrupted"
+        args = build_parser(table).parse_args(argv)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         return int(table[args.cmd].run(args) or 0)
     except TtfscError as exc:
         print(f"ttfsc: error: {exc}", file=sys.stderr)
