@@ -129,7 +129,7 @@ def _elementwise(spec, node, inits):
     feeds = {names[0]: x}
     for name, src in zip(names[1:], node.input[1:]):
         feeds[name] = np.asarray(inits.value(src), dtype=np.float64) if src in inits.by_name else 0.0
-    v = eval_body_f64(spec.body, feeds)
+    v = eval_body_f64(spec.body, feeds, inits.base_dir)
     intended = times_to_codes(spec.table, spec.emit.N) if spec.table else _out_codes(v, spec)
     return [t], [1.0], intended, v
 

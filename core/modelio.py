@@ -8,9 +8,14 @@ only on success, so a failed command leaves nothing half-written behind.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +43,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                          "Export one with `ttfsc export`.") from None
     if not model.graph.node:
         raise TtfscError(f"{p}: not a valid ONNX model (no graph nodes). Export one with `ttfsc export`.")
+    check_tensors(model, p)
     set_model_dir(model, p.parent.resolve())
     return model
 
@@ -76,17 +82,225 @@ def _external_info(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def tensor_value(t: TensorProto, base_dir: str) -> np.ndarray:
-    """The tensor's array; an external tensor is memory-mapped, not read into RAM."""
+# ---------------------------------------------------------------- external data is untrusted input
+
+FIX_DATA = "re-export the model, or copy its .data file beside it"
+CORRUPT = "the model file is corrupt: re-export it"
+_SUB_BYTE_BITS = {getattr(TensorProto, n): bits for n, bits in
+                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(TensorProto, n)}
+_OWN_FILES: set[str] = set()  # real paths of live SpillFiles: the only absolute locations ttfsc reads
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where an external tensor's bytes lie, once checked: a regular file inside the model's folder
+    (or one of this process's spill files), ``offset + length`` within it, ``length`` the tensor's size."""
+
+    path: str
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        if len(data) != self.length:
+            raise TtfscError(f"{self.path}: external data ends early (truncated); {FIX_DATA}.")
+        return data
+
+
+def check_tensors(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Refuse a model with a malformed tensor or external data outside its folder, before any weight is read.
+
+    A model file is untrusted input: an external ``location`` can name ``../../etc/passwd``, an
+    absolute path or a symlink out of the folder, and offset/length can point past the file or
+    disagree with the shape. onnxruntime refuses such models; ttfsc must not copy those bytes into
+    an output either. Every tensor is checked (initializers, Constant values, subgraphs, functions),
+    so any later read of the model, by ttfsc or by onnxruntime, only meets checked entries.
+    """
+    base_dir = str(Path(path).parent.resolve())
+    files: dict[str, tuple[str, int]] = {}
+    for t, what in model_tensors(model):
+        if _is_external(t):
+            external_extent(t, base_dir, f"{path}: {what}", files)
+        elif any(d < 0 for d in t.dims):
+            raise TtfscError(f"{path}: {what} has a negative dimension in its shape {list(t.dims)}; {CORRUPT}.")
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
+    """Every TensorProto of the model, with words naming it: wherever external data may appear."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        for a in f.attribute_proto:
+            yield from _attribute_tensors(a, f"function '{f.name}'")
+        for node in f.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, str]]:
+    for t in graph.initializer:
+        yield t, f"tensor '{t.name}'"
+    for s in graph.sparse_initializer:
+        yield s.values, f"sparse tensor '{s.values.name}' (values)"
+        yield s.indices, f"sparse tensor '{s.values.name}' (indices)"
+    for node in graph.node:
+        for a in node.attribute:  # _node_tensors inlined: this loop sees every node of the model
+            if a.type not in _PLAIN_ATTRIBUTES or _holds_tensors(a):
+                yield from _attribute_tensors(a, f"node '{node.name or node.op_type}'")
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[tuple[TensorProto, str]]:
+    for a in node.attribute:
+        if a.type not in _PLAIN_ATTRIBUTES or _holds_tensors(a):  # the owner's name is built only when needed
+            yield from _attribute_tensors(a, f"node '{node.name or node.op_type}'")
+
+
+_PLAIN_ATTRIBUTES = {onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT, onnx.AttributeProto.STRING,
+                     onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS}
+
+
+def _holds_tensors(a: onnx.AttributeProto) -> bool:
+    """A plain attribute can still carry tensor fields (a crafted model can lie about its type)."""
+    return (a.HasField("t") or a.HasField("g") or a.HasField("sparse_tensor")
+            or bool(a.tensors) or bool(a.graphs) or bool(a.sparse_tensors))
+
+
+def _attribute_tensors(a: onnx.AttributeProto, owner: str) -> Iterator[tuple[TensorProto, str]]:
+    """Tensors of one attribute, whatever its declared type says."""
+    what = f"attribute '{a.name}' of {owner}"
+    if a.HasField("t"):
+        yield a.t, f"tensor '{a.t.name}' in {what}" if a.t.name else f"the tensor in {what}"
+    for t in a.tensors:
+        yield t, f"tensor '{t.name}' in {what}"
+    sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
+    for s in sparse:
+        yield s.values, f"the sparse tensor in {what} (values)"
+        yield s.indices, f"the sparse tensor in {what} (indices)"
+    for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+        yield from _graph_tensors(g)
+
+
+def external_extent(t: TensorProto, base_dir: str | None, where: str | None = None,
+                    files: dict[str, tuple[str, int]] | None = None) -> Extent:
+    """The checked extent of an external tensor: every read of external bytes goes through here.
+
+    ``where`` starts each message (default: the folder and the tensor's name); ``files`` caches
+    (real path, size) per relative location over the reads of one model, so a data file is
+    resolved once, not once per weight.
+    """
+    where = where or f"{base_dir or 'a graph with no model folder'}: tensor '{t.name}'"
+    info = _checked_info(t, where)
+    nbytes = _byte_size(t, where)
+    offset = _count(info.get("offset", "0"), "offset", where)
+    length = _count(info["length"], "length", where) if "length" in info else nbytes
+    if length != nbytes:
+        raise TtfscError(f"{where} of shape {list(t.dims)} needs {nbytes} bytes but its external data says "
+                         f"length {length}; {CORRUPT}.")
+    location = info["location"]
+    found = files.get(location) if files is not None else None
+    if found is None:
+        found = _locate(location, base_dir, where)
+        if files is not None and not os.path.isabs(location):  # a spill file (absolute) still grows
+            files[location] = found
+    path, size = found
+    if offset + length > size:
+        raise TtfscError(f"{where} needs bytes {offset}..{offset + length} of {path}, which has only {size} "
+                         f"(truncated or not its data file); {FIX_DATA}.")
+    return Extent(path, offset, length)
+
+
+def _checked_info(t: TensorProto, where: str) -> dict[str, str]:
+    info: dict[str, str] = {}
+    for e in t.external_data:
+        if e.key in info:  # readers disagree on which entry wins: refuse rather than guess
+            raise TtfscError(f"{where} lists its external data key '{e.key}' twice; {CORRUPT}.")
+        info[e.key] = e.value
+    if not info.get("location"):
+        raise TtfscError(f"{where} is marked external but names no data file; {CORRUPT}.")
+    return info
+
+
+def _count(value: str, key: str, where: str) -> int:
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise TtfscError(f"{where} has external data {key} '{value[:40]}', not a non-negative integer; {CORRUPT}.")
+    return int(value)
+
+
+def _byte_size(t: TensorProto, where: str) -> int:
+    """Bytes the tensor's shape and type need (what its external length must say)."""
+    if any(d < 0 for d in t.dims):
+        raise TtfscError(f"{where} has a negative dimension in its shape {list(t.dims)}; {CORRUPT}.")
+    count = math.prod(t.dims)
+    if t.data_type in _SUB_BYTE_BITS:
+        return (count * _SUB_BYTE_BITS[t.data_type] + 7) // 8
+    itemsize = _itemsize(t.data_type)
+    if not itemsize:  # strings (and unknown types) have no fixed size: ONNX stores none externally
+        raise TtfscError(f"{where} stores data type {t.data_type} externally, which ONNX does not allow; {CORRUPT}.")
+    return count * itemsize
+
+
+@functools.cache
+def _itemsize(data_type: int) -> int:
+    """Bytes per element of an ONNX data type; 0 for strings and unknown types."""
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    except (KeyError, ValueError):
+        return 0
+    return 0 if dtype == np.dtype(object) else dtype.itemsize
+
+
+def _locate(location: str, base_dir: str | None, where: str) -> tuple[str, int]:
+    """(real path, size) of a data file, which must be a regular file inside ``base_dir``."""
+    if "\0" in location:
+        raise TtfscError(f"{where} names an external data file with a NUL byte; {CORRUPT}.")
+    if os.path.isabs(location) or location.startswith("\\"):
+        real = os.path.realpath(location)
+        if real not in _OWN_FILES:
+            raise TtfscError(f"{where} names external data by the absolute path '{location}'; ttfsc reads data "
+                             f"only from files inside the model's folder: {FIX_DATA}.")
+        return real, os.path.getsize(real)
+    if ".." in re.split(r"[\\/]", location):
+        raise TtfscError(f"{where} names external data at '{location}', outside the model's folder; ttfsc reads "
+                         f"data only from files inside it: {FIX_DATA}.")
+    if base_dir is None:
+        raise TtfscError(f"{where} keeps its value in external data, and no model folder is known here; "
+                         "store the value inline (onnx.save without save_as_external_data).")
+    root = os.path.realpath(base_dir)
+    real = os.path.realpath(os.path.join(root, location))
+    if os.path.commonpath([root, real]) != root:
+        raise TtfscError(f"{where} names external data at '{location}', a link that leads outside the model's "
+                         f"folder {root}; ttfsc reads data only from files inside it: {FIX_DATA}.")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise TtfscError(f"{where} reads its data from {real}, which does not exist; {FIX_DATA}.") from None
+    except OSError as exc:
+        raise TtfscError(f"{where} reads its data from {real}, which cannot be read ({exc.strerror}); "
+                         f"{FIX_DATA}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TtfscError(f"{where} reads its data from {real}, which is not a regular file; {FIX_DATA}.")
+    return real, st.st_size
+
+
+def tensor_value(t: TensorProto, base_dir: str | None, files: dict[str, tuple[str, int]] | None = None) -> np.ndarray:
+    """The tensor's array; an external tensor is memory-mapped, not read into RAM.
+
+    Its bytes are located by ``external_extent``, so nothing outside ``base_dir`` is ever read;
+    ``base_dir=None`` (a graph whose model folder is unknown) refuses external tensors. ``files``:
+    see ``external_extent``.
+    """
     if not _is_external(t):
         return numpy_helper.to_array(t)
-    info = _external_info(t)
-    path = os.path.join(base_dir, info["location"])
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-    offset = int(info.get("offset", 0))
+    extent = external_extent(t, base_dir, files=files)
     shape = tuple(t.dims)
-    count = int(np.prod(shape)) if shape else 1
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+    if t.data_type in _SUB_BYTE_BITS:  # packed: numpy_helper unpacks them from raw bytes
+        inline = TensorProto(name=t.name, data_type=t.data_type, dims=shape, raw_data=extent.read())
+        return numpy_helper.to_array(inline)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = math.prod(shape)
+    if count == 0:  # mmap cannot map zero bytes
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(extent.path, dtype=dtype, mode="r", offset=extent.offset, shape=(count,)).reshape(shape)
 
 
 class Initializers:
@@ -96,12 +310,13 @@ class Initializers:
         self.model = model
         self.base_dir = model_dir(model)
         self.by_name = {t.name: t for t in model.graph.initializer}
+        self._files: dict[str, tuple[str, int]] = {}  # data files located once per index, not per weight
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
 
     def value(self, name: str) -> np.ndarray:
-        return tensor_value(self.by_name[name], self.base_dir)
+        return tensor_value(self.by_name[name], self.base_dir, self._files)
 
     def add(self, array: np.ndarray, name: str) -> str:
         t = numpy_helper.from_array(np.asarray(array), name)
@@ -184,8 +399,8 @@ def _all_tensors(model: onnx.ModelProto):
 def _tensor_bytes(t: TensorProto, src_dir: str):
     """What to copy for tensor t: a (file, offset, length) for external, bytes for large inline."""
     if _is_external(t):
-        info = _external_info(t)
-        return (os.path.join(src_dir, info["location"]), int(info.get("offset", 0)), int(info["length"]))
+        extent = external_extent(t, src_dir)
+        return (extent.path, extent.offset, extent.length)
     if t.ByteSize() <= INLINE_LIMIT:
         return None
     arr = numpy_helper.to_array(t)
@@ -246,6 +461,7 @@ class SpillFile:
         folder.mkdir(parents=True, exist_ok=True)
         fd, self.path = tempfile.mkstemp(prefix=f".ttfsc-{tag}.", suffix=".tmp", dir=folder)
         self.file = os.fdopen(fd, "wb")
+        _OWN_FILES.add(os.path.realpath(self.path))  # its tensors' absolute locations are ttfsc's own
         self.offset = 0
 
     @classmethod
@@ -290,6 +506,7 @@ class SpillFile:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.file.close()
+        _OWN_FILES.discard(os.path.realpath(self.path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

@@ -67,7 +67,7 @@ class ElementwiseToNeuron(NeuronRule):
         consts = {nm: g.const(c) for nm, c in zip(names[1 + n_side:], grp.consts)}
 
         def f(x: np.ndarray) -> np.ndarray:
-            return eval_body_f64(m.nodes["body"], {x_name: x, **sides, **consts})
+            return eval_body_f64(m.nodes["body"], {x_name: x, **sides, **consts}, g.inits.base_dir)
 
         eta, c = target_kernel(f, kw)
         kw.update(target=target_name(grp), eta=(eta,), c_offset=(c,), weights=(1.0,), synapse="one_to_one", fan_in=1)

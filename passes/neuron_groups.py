@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 
 from ttfsc.dialect import DECODE, EMIT, EmitSpec, decode_spec, time_elem_type
 from ttfsc.graph import DATA_MOVEMENT, GraphIndex, copy_node
+from ttfsc.modelio import tensor_value
 from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.passes.base import Match, Rule
 from ttfsc.runtime.session import exact_options, lower_model, open_session
@@ -201,13 +202,16 @@ _BINARY = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divi
            "Max": np.maximum, "Min": np.minimum}
 
 
-def eval_body_f64(body: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Evaluate an elementwise body in float64 numpy: the target f, free of float32 rounding."""
+def eval_body_f64(body: onnx.GraphProto, feeds: dict[str, np.ndarray], base_dir: str | None = None) -> np.ndarray:
+    """Evaluate an elementwise body in float64 numpy: the target f, free of float32 rounding.
+
+    ``base_dir``: the model's folder, where a Constant's external value may be read (checked).
+    """
     env = {k: np.asarray(v, dtype=np.float64) for k, v in feeds.items()}
     with np.errstate(all="ignore"):
         for n in body.node:
             if n.op_type == "Constant":
-                env[n.output[0]] = np.asarray(onnx.numpy_helper.to_array(n.attribute[0].t), dtype=np.float64)
+                env[n.output[0]] = np.asarray(tensor_value(n.attribute[0].t, base_dir), dtype=np.float64)
             elif n.op_type in _UNARY:
                 env[n.output[0]] = _UNARY[n.op_type](env[n.input[0]])
             elif n.op_type in _BINARY:
@@ -319,7 +323,7 @@ def constant_value(g: GraphIndex, name: str) -> np.ndarray | None:
         return np.asarray(g.const(name))
     node = g.producer.get(name)
     if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        return onnx.numpy_helper.to_array(node.attribute[0].t)
+        return tensor_value(node.attribute[0].t, g.inits.base_dir)
     return None
 
 
