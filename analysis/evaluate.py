@@ -93,7 +93,8 @@ def read_corpus(path: str | Path, name: str = "") -> str:
                          "or a jsonl file with a \"text\" field per line (C4).")
     if p.suffix == ".jsonl":
         return " ".join(_jsonl_texts(p))
-    text = p.read_text(encoding="utf-8", errors="replace")
+    from ttfsc.runtime.tokenizer import read_text_file
+    text = read_text_file(p, f"--ppl {name}=" if name else "--ppl")
     if name.lower().startswith("ptb"):
         return " ".join(line.strip() for line in text.splitlines() if line.strip())
     return text
@@ -209,13 +210,13 @@ def cli(args: argparse.Namespace) -> int:
         raise TtfscError(f"--limit {args.limit}: give a positive number of items.")
     specs = [(name, tasks.resolve_task(name, path)) for name, path in args.tasks]  # fail fast on bad names
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
+    loaded = [(name, kind, tasks.load_task(kind, path, args.limit)) for name, (kind, path) in specs]  # bad files too
     model = open_model(args.model, args.bos, args.threads)
     result: dict[str, Any] = {"model": str(args.model), "bos": model.bos, "ppl": {}, "tasks": {}}
     for name, text in corpora:
         result["ppl"][name] = corpus_perplexity(model, text, args.seqlen, args.windows, args.seed, args.first,
                                                 progress=True, label=name)
-    for name, (kind, path) in specs:
-        items = tasks.load_task(kind, path, args.limit)
+    for name, kind, items in loaded:
         result["tasks"][name] = tasks.evaluate_items(tasks.Scorer(model.gen, model.tok, model.bos), items, kind,
                                                  progress=True, desc=name)
     print(render_markdown(result))

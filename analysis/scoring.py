@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ttfsc.errors import TtfscError
+from ttfsc.runtime.tokenizer import read_text_file
 
 LOGSOFTMAX_ROWS = 256  # rows per float64 log-softmax chunk: bounds memory for 49k-word vocabularies
 
@@ -40,19 +41,19 @@ def progress_bar(it: Any, enabled: bool, desc: str) -> Any:
 def read_jsonl(path: Path, fields: dict[str, type], example: str) -> Iterable[tuple[int, dict]]:
     """(line number, row) of a jsonl file whose rows must hold ``fields`` of the given types.
 
-    A bad line is one clear error naming the file, the line and an ``example`` of a good one.
+    A bad line is one clear error naming the file, the line and an ``example`` of a good one; a file
+    that is not UTF-8 text is one clear error too (read_text_file), before any row is used.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise TtfscError(f"{path}:{lineno}: not valid JSON ({exc}); each line must be one object "
-                                 f"such as {example}.") from None
-            for key, kind in fields.items():
-                if not isinstance(row, dict) or not isinstance(row.get(key), kind):
-                    raise TtfscError(f"{path}:{lineno}: field {key!r} is missing or not a {kind.__name__}; "
-                                     f"each line must look like {example}.")
-            yield lineno, row
+    for lineno, line in enumerate(read_text_file(path, "data file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TtfscError(f"{path}:{lineno}: not valid JSON ({exc}); each line must be one object "
+                             f"such as {example}.") from None
+        for key, kind in fields.items():
+            if not isinstance(row, dict) or not isinstance(row.get(key), kind):
+                raise TtfscError(f"{path}:{lineno}: field {key!r} is missing or not a {kind.__name__}; "
+                                 f"each line must look like {example}.")
+        yield lineno, row

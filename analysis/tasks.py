@@ -32,6 +32,7 @@ import numpy as np
 
 from ttfsc.errors import TtfscError
 from ttfsc.analysis.scoring import progress_bar, read_jsonl, token_logprobs
+from ttfsc.runtime.tokenizer import read_text_file
 
 TASK_NAMES = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada")
 
@@ -78,7 +79,7 @@ def load_piqa(path: Path) -> list[Item]:
     if not labels_path.is_file():
         raise TtfscError(f"{labels_path}: missing PIQA answers; put valid-labels.lst (one 0/1 per line) "
                          f"beside {path.name}.")
-    labels = [line for line in labels_path.read_text().splitlines() if line.strip()]
+    labels = [line for line in read_text_file(labels_path, "task file").splitlines() if line.strip()]
     ex = '{"goal": "...", "sol1": "...", "sol2": "..."}'
     rows = list(read_jsonl(path, {"goal": str, "sol1": str, "sol2": str}, ex))
     if len(labels) != len(rows):
@@ -97,7 +98,7 @@ def hellaswag_preprocess(text: str) -> str:
 
 def load_hellaswag(path: Path) -> list[Item]:
     """6 lines per item: "activity: context", gold index 0-3, four endings."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text_file(path, "task file").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:

@@ -163,12 +163,16 @@ def verify(args: argparse.Namespace) -> int:
 
 def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="float, QDQ or spiking .onnx model (tokenizer beside it)")
-    p.add_argument("--prompt", default="", help="text to continue, after BOS (default: empty, BOS only)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--prompt", default="", help="text to continue, after BOS (default: empty, BOS only); a prompt "
+                   "that does not fit the model's context (config.json's max_position_embeddings, less the prefix, "
+                   "less one token to generate) is an error, never truncated")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens to generate at most, 0 or more; generation also stops where the context ends "
+                        "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, else > 0")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="with --temperature > 0: sample from the smallest set of tokens whose probabilities sum "
-                        "to P; 1 = all tokens (default: %(default)s)")
+                        "to P, 0 < P <= 1; 1 = all tokens (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", action="store_true", help="print spike counts and latency per token")
 

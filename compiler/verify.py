@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,6 +29,7 @@ from ttfsc.modelio import Initializers, load_model, model_dir
 from ttfsc.neuron import is_neuron
 from ttfsc.runtime.generate import Generator
 from ttfsc.runtime.session import exact_options, open_session, session_from_model
+from ttfsc.runtime.tokenizer import read_text_file
 from ttfsc.ttfs import codes_to_times, is_exact_tie, rate_spike_count, spike_count, times_to_codes
 
 
@@ -129,6 +129,9 @@ def _run(gen: Generator, ids: list[int], extra: list[str]) -> dict:
 
 
 def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 64, seed: int = 0) -> dict:
+    if tokens < 1:
+        raise TtfscError(f"--tokens {tokens}: give a positive number of tokens to compare, e.g. 64.")
+    body = read_text_file(text, "--text") if text else None  # before the models load: a bad file fails at once
     qann, snn = load_model(qdq_path), load_model(snn_path)
     probes = find_probes(qann, snn)
     q_probes = [n for p in probes for n in (p.codes, p.value)]
@@ -136,16 +139,18 @@ def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 
     q_sess = session_from_model(with_outputs(qann, q_probes), reference_options(snn))
     s_sess = open_session(with_outputs(snn, s_probes), reference_options(snn))
     q_gen, s_gen = Generator(q_sess, model_dir(qann)), Generator(s_sess, model_dir(snn))
+    _check_tokens(q_gen, tokens)
     tok = _tokenizer(snn_path)
     bos = getattr(tok, "bos_id", None) or 1
     rng = np.random.default_rng(seed)
     dim = q_sess.get_outputs()[0].shape[-1]
     vocab = dim if isinstance(dim, int) and dim > 0 else _vocab(q_gen, bos)  # symbolic dims are strings
     seqs = {"random": _tokens(rng, tokens, vocab, bos)}
-    if text:
-        seqs["text"] = tok.encode(Path(text).read_text()[:20000], bos=True)[:256] if tok else None
-        if seqs["text"] is None:
-            raise TtfscError(f"{snn_path}: no tokenizer beside the model, so --text cannot be used.")
+    if body is not None:
+        if tok is None:
+            raise TtfscError(f"{snn_path}: no tokenizer beside the model, so --text cannot be used; copy the "
+                             "tokenizer files next to it.")
+        seqs["text"] = tok.encode(body[:20000], bos=True)[:256]
     max_dlogit = 0.0
     for ids in seqs.values():
         qo = _run(q_gen, ids, q_probes)
@@ -154,6 +159,15 @@ def verify(qdq_path: str, snn_path: str, text: str | None = None, tokens: int = 
         max_dlogit = max(max_dlogit, float(np.abs(qo["logits"] - so["logits"]).max()))
     greedy = _greedy(qann, snn, seqs, tokens, bos)
     return _summary(probes, seqs, max_dlogit, greedy)
+
+
+def _check_tokens(gen: Generator, tokens: int) -> None:
+    """The random sequence (BOS + ``tokens``) must fit the context: past it the model runs on positions
+    it never saw, and a huge --tokens ran onnxruntime out of memory."""
+    room = gen.prompt_room()
+    if room is not None and tokens > room:
+        raise TtfscError(f"--tokens {tokens}: BOS + {tokens} tokens do not fit the model's context of "
+                         f"{gen.max_positions} tokens (config.json, prefix included); give --tokens {room} or fewer.")
 
 
 def _tokenizer(path: str):

@@ -10,6 +10,8 @@ window clips exactly the same way, so the Clip is absorbed.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 
@@ -30,6 +32,7 @@ class QuantDequantToEmit(Rule):
     def __init__(self, T: int | None, requantize: bool = False):
         self.T = T  # None: every stage keeps the QDQ model's own width (mixed windows, -T auto)
         self.requantize = requantize
+        self.widths: Counter[int] = Counter()  # code levels -> stages, set by pattern()
 
     def pattern(self, g: GraphIndex) -> list[Match]:
         out = []
@@ -37,6 +40,8 @@ class QuantDequantToEmit(Rule):
             if q.op_type != "QuantizeLinear" or g.is_const(q.input[0]):
                 continue  # weights are quantized offline; only activations become spikes
             out.append(Match(q, {"clip": self._clip(g, q), "dqs": list(g.consumers.get(q.output[0], []))}))
+        # every stage's width, read before any rewrite: a mismatch message must know whether one -T can fit
+        self.widths = Counter(found[3] - found[2] + 1 for m in out if not isinstance(found := self._stage(g, m), str))
         return out
 
     @staticmethod
@@ -49,6 +54,18 @@ class QuantDequantToEmit(Rule):
         return p
 
     def check(self, g: GraphIndex, m: Match) -> str | None:
+        found = self._stage(g, m)
+        if isinstance(found, str):
+            return found
+        scale, zp, qmin, qmax = found
+        T = qmax - qmin + 1
+        if self.T is not None and T != self.T and not self.requantize:
+            raise WindowMismatch(self._mismatch(m.anchor, T))
+        m.nodes.update(scale=scale, zp=zp, qmin=qmin, qmax=qmax, T_src=T)
+        return None
+
+    def _stage(self, g: GraphIndex, m: Match) -> str | tuple[float, int, int, int]:
+        """A reason to leave the match alone, or its stage: (scale, zero point, lowest code, highest code)."""
         q = m.anchor
         if len(q.input) < 3 or not (g.is_const(q.input[1]) and g.is_const(q.input[2])):
             return "scale/zero point are not constants (dynamic quantization is not a static TTFS stage)"
@@ -61,18 +78,25 @@ class QuantDequantToEmit(Rule):
             if dq.op_type != "DequantizeLinear" or not self._same_params(g, q, dq):
                 return f"consumer {dq.name or dq.output[0]} is not a DequantizeLinear with the same scale/zero point"
         qmin, qmax = self._code_range(g, q, m.nodes["clip"], float(scale.reshape(())), int(zp.reshape(())))
-        T = qmax - qmin + 1
         try:
-            bits_for_window(T)
+            bits_for_window(qmax - qmin + 1)
         except ValueError:
-            return f"{T} code levels is not 2^n for n in 2..12"
-        if self.T is not None and T != self.T and not self.requantize:
-            raise WindowMismatch(
-                f"node {q.name or q.output[0]}: the QDQ model quantizes activations to {T} levels "
+            return f"{qmax - qmin + 1} code levels is not 2^n for n in 2..12"
+        return float(scale.reshape(())), int(zp.reshape(())), qmin, qmax
+
+    def _mismatch(self, q: onnx.NodeProto, T: int) -> str:
+        """-T and the QDQ model disagree: name the one -T that fits, or, when the stages have several
+        widths, say that none does and -T auto keeps each stage's own window (a per-node suggestion
+        used to send the user from -T 64 to -T 1024 and back)."""
+        where = f"node {q.name or q.output[0]}"
+        if len(self.widths) > 1:
+            mix = ", ".join(f"{n} of {w} levels ({bits_for_window(w)} bits)" for w, n in sorted(self.widths.items()))
+            return (f"{where}: the QDQ model has activation stages of several widths ({mix}), so no single -T "
+                    f"matches them all and -T {self.T} was given. Use -T auto to keep each stage's own window, "
+                    f"or add --requantize (lossy) to re-grid every stage to {self.T} slots.")
+        return (f"{where}: the QDQ model quantizes activations to {T} levels "
                 f"({bits_for_window(T)} bits) but -T {self.T} was given. Use -T {T}, or add --requantize "
                 f"(lossy) to re-grid the activations to {self.T} slots.")
-        m.nodes.update(scale=float(scale.reshape(())), zp=int(zp.reshape(())), qmin=qmin, qmax=qmax, T_src=T)
-        return None
 
     @staticmethod
     def _same_params(g: GraphIndex, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:

@@ -21,6 +21,7 @@ from onnx import TensorProto
 from ttfsc import modelio
 from ttfsc.errors import TtfscError
 from ttfsc.runtime.generate import Generator, Prefix
+from ttfsc.runtime.tokenizer import read_text_file
 
 SEED = 0
 DEFAULT_BOS = 1
@@ -83,6 +84,52 @@ def decoder(sess: Any, path: str, prefix: Prefix | None = None) -> Generator:
                          "text; export a LLaMA decoder with `ttfsc export`, or pass calibration feeds through the API.") from None
 
 
+# ---------------------------------------------------------------- the float weights
+
+WEIGHT_READERS = {"MatMul": None, "Gemm": None, "Conv": None, "Mul": None, "Gather": 0}  # op -> weight input (None: any)
+FINITE_CHUNK = 1 << 22  # values per min/max reduction: bounds the check's memory on multi-GB weights
+
+
+def weight_names(model: onnx.ModelProto) -> list[str]:
+    """Float initializers with more than one value that a linear, embedding or norm scale reads.
+
+    Scalars and other readers are left out on purpose: exporters write -inf fill values for
+    attention masks, which are meant to be infinite.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    names: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_READERS or node.domain not in ("", "ai.onnx"):
+            continue
+        slot = WEIGHT_READERS[node.op_type]
+        for name in (node.input if slot is None else node.input[slot:slot + 1]):
+            t = inits.get(name)
+            if t is not None and t.data_type in floats and int(np.prod(t.dims)) > 1:
+                names[name] = None
+    return list(names)
+
+
+def check_finite_weights(model: onnx.ModelProto, path: str) -> None:
+    """TtfscError naming the first weight that holds a NaN or an Inf, read one tensor at a time.
+
+    Why before calibrating: one Inf in a weight turns the float model's logits into NaN, and the
+    self-generated calibration then failed inside numpy ("Probabilities contain NaN") with no word
+    about the model. min/max propagate NaN and show an Inf, so each chunk costs two reductions.
+    """
+    inits = modelio.Initializers(model)
+    for name in weight_names(model):
+        flat = np.asarray(inits.value(name)).reshape(-1)
+        for start in range(0, flat.size, FINITE_CHUNK):
+            chunk = flat[start:start + FINITE_CHUNK]
+            if np.isfinite(chunk.min()) and np.isfinite(chunk.max()):
+                continue
+            bad = ~np.isfinite(chunk)
+            raise TtfscError(f"{path}: weight {name!r} holds non-finite values (NaN or Inf; the first at flat index "
+                             f"{start + int(np.argmax(bad))}), so the float model computes NaN; fix the checkpoint "
+                             "and re-export it with `ttfsc export`.")
+
+
 # ---------------------------------------------------------------- calibration text
 
 def load_tokenizer(model_path: str):
@@ -106,13 +153,12 @@ def text_sequences(text_path: str, model_path: str, samples: int, seqlen: int,
                    log: Log) -> tuple[list[np.ndarray], str]:
     """Cut the tokenized text into ``samples`` consecutive windows of ``seqlen`` tokens."""
     p = Path(text_path)
-    if not p.is_file():
-        raise TtfscError(f"--calib {p}: no such file. Give a plain-text file, or omit --calib to self-generate.")
+    text = calib_text(p)
     tok = load_tokenizer(model_path)
     if tok is None:
         raise TtfscError(f"--calib {p}: no tokenizer found beside {model_path}; put the tokenizer files there "
                          "(ttfsc export does) or omit --calib to calibrate on self-generated text.")
-    ids = np.asarray(tok.encode(p.read_text(encoding="utf-8", errors="replace"), bos=True), dtype=np.int64)
+    ids = np.asarray(tok.encode(text, bos=True), dtype=np.int64)
     if ids.size < 2:
         raise TtfscError(f"--calib {p}: the text gives fewer than 2 tokens; give a longer text.")
     n = min(samples, ids.size // seqlen)
@@ -122,6 +168,21 @@ def text_sequences(text_path: str, model_path: str, samples: int, seqlen: int,
     if n < samples:
         log(f"calibration: {p.name} has {ids.size} tokens, enough for {n} of {samples} sequences")
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)], f"text {p.name}: {n} x {seqlen} tokens"
+
+
+def calib_text(path: str | os.PathLike) -> str:
+    """The --calib text: a missing, binary or non-UTF-8 file is one clear error (read_text_file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TtfscError(f"--calib {p}: no such file. Give a plain-text file, or omit --calib to self-generate.")
+    return read_text_file(p, "--calib")
+
+
+def check_calib_text(calib: Any) -> None:
+    """Read a --calib text file once before any work, so a bad file fails in a second, not after the
+    transforms and the prefix search have run (``calib`` may also be feeds given through the API)."""
+    if isinstance(calib, (str, os.PathLike)):
+        calib_text(calib)
 
 
 def self_generated(gen: Generator, bos: int, samples: int, seqlen: int) -> list[np.ndarray]:

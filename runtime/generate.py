@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -207,9 +208,13 @@ class Generator:
         runs are reproducible. ``stop_ids`` defaults to config.json's eos_token_id. With a prefix,
         a leading BOS it already holds is dropped and the prompt may be empty.
         """
+        check_sampling(max_new_tokens, temperature, top_p)
         prompt = self.strip_bos(prompt_ids)
         if not prompt and self.prefix is None:
             raise TtfscError("empty prompt: pass at least the BOS token.")
+        if max_new_tokens == 0:
+            return []
+        self.check_prompt(len(prompt))
         stops = frozenset(stop_ids) if stop_ids is not None else self.stop_ids
         rng = np.random.default_rng(seed)
         limit = self._token_limit(len(prompt), max_new_tokens)
@@ -230,12 +235,48 @@ class Generator:
             last = logits[0, -1]
         return out
 
+    def prompt_room(self) -> int | None:
+        """Prompt tokens (after the prefix) that still leave room for one new token; None: no limit known."""
+        if not self.max_positions:
+            return None
+        return int(self.max_positions) - self.prefix_cost()["tokens"] - 1
+
+    def check_prompt(self, prompt_len: int, what: str = "the prompt") -> None:
+        """TtfscError when a prompt of ``prompt_len`` tokens leaves no room in the context to generate.
+
+        The policy is to refuse, not to truncate: a prompt past the context used to generate
+        nothing and exit 0, and a very long one ran onnxruntime out of memory, neither saying why;
+        silently cutting the user's text would hide the same fact. Generation itself stops where
+        the context ends (``_token_limit``).
+        """
+        room = self.prompt_room()
+        if room is not None and prompt_len > room:
+            held = self.prefix_cost()["tokens"]
+            by_prefix = f", {held} of them held by the quantizer's prefix" if held else ""
+            raise TtfscError(f"{what} is {prompt_len} tokens but the model's context is {self.max_positions} "
+                             f"tokens (max_position_embeddings in config.json{by_prefix}); shorten it to at most "
+                             f"{max(room, 0)} tokens.")
+
     def _token_limit(self, prompt_len: int, max_new_tokens: int) -> int:
         """Never run past the model's context length (the prefix takes its share)."""
         if self.max_positions:
             used = prompt_len + self.prefix_cost()["tokens"]
             return max(0, min(max_new_tokens, int(self.max_positions) - used))
         return max(0, max_new_tokens)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """TtfscError for settings that used to be accepted and give nonsense (named as ``ttfsc run``'s flags).
+
+    A negative token count generated nothing, a negative temperature was taken as greedy, and top-p 0
+    kept only the likeliest token; NaN passes every ``<`` test, so the checks are written to fail it.
+    """
+    if max_new_tokens < 0:
+        raise TtfscError(f"--max-new-tokens {max_new_tokens}: give 0 or more tokens to generate.")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise TtfscError(f"--temperature {temperature}: give 0 (greedy) or a positive temperature such as 0.8.")
+    if not 0.0 < top_p <= 1.0:
+        raise TtfscError(f"--top-p {top_p}: give a probability in (0, 1], e.g. 0.9; 1 keeps every token.")
 
 
 def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -309,17 +350,36 @@ def open_model_session(path: str | Path) -> Any:
     return open_session(p)
 
 
+def _out_of_memory(exc: Exception, model: str, prompt_len: int) -> Exception:
+    """onnxruntime's failure to allocate, as the one line a user can act on; any other error as it was.
+
+    Without config.json the context is unknown, so a very long prompt reaches onnxruntime, whose
+    attention then asks for more memory than there is.
+    """
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if type(exc).__module__.startswith("onnxruntime") and ("alloc" in text.lower() or "memory" in text.lower()):
+        return TtfscError(f"{model}: onnxruntime ran out of memory on a prompt of {prompt_len} tokens ({text}); "
+                          "give a shorter --prompt or fewer --max-new-tokens.")
+    return exc
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """``ttfsc run``: encode the prompt with BOS, generate, print prompt + continuation."""
     from ttfsc.runtime.tokenizer import load_tokenizer
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     tok = load_tokenizer(args.model)
     gen = Generator(open_model_session(args.model), Path(args.model).parent)
     prompt = tok.encode(args.prompt, bos=True)
     if not prompt:
         raise TtfscError(f"{args.model}: the tokenizer has no BOS token; give a non-empty --prompt.")
+    if args.max_new_tokens:
+        gen.check_prompt(len(gen.strip_bos(prompt)), f"--prompt ({len(args.prompt)} characters)")
     t0 = time.perf_counter()
-    new = gen.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                       stop_ids=set(tok.stop_ids) | gen.stop_ids)
+    try:
+        new = gen.generate(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                           stop_ids=set(tok.stop_ids) | gen.stop_ids)
+    except Exception as exc:  # noqa: BLE001 - only onnxruntime's out-of-memory becomes a user error
+        raise _out_of_memory(exc, args.model, len(prompt)) from None
     dt = time.perf_counter() - t0
     print(tok.decode(prompt + new))
     if getattr(args, "stats", False):

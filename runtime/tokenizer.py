@@ -3,7 +3,8 @@
 ``ttfsc export`` saves the tokenizer next to ``model.onnx``; every later command (quantize's
 self-generated calibration text, verify --text, run) calls :func:`load_tokenizer` on the model
 path and gets one small interface: ``encode(text, bos=True)``, ``decode(ids)``, ``bos_id``,
-``eos_id`` and ``stop_ids`` (tokens that end generation).
+``eos_id`` and ``stop_ids`` (tokens that end generation). Text files the user gives to be
+tokenized (verify --text, --calib, eval's corpora and tasks) are read by :func:`read_text_file`.
 
 Two kinds exist: a Hugging Face tokenizer (folder with tokenizer.json / tokenizer_config.json)
 and llama2.c's ``tokenizer.bin``, re-implemented here so that llama2.c models need no
@@ -24,6 +25,8 @@ from ttfsc.errors import TtfscError
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 LLAMA2C_FILE = "tokenizer.bin"
 _BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # not text: C0 controls but \t \n \v \f \r, and DEL
+BINARY_SHARE = 0.1  # a text with more control characters than this is binary (real texts have ~0)
 
 
 class Tokenizer(Protocol):
@@ -36,6 +39,43 @@ class Tokenizer(Protocol):
     def encode(self, text: str, bos: bool = True) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
+
+
+# ---------------------------------------------------------------- text files
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The text of the UTF-8 file ``path`` that the user gave as ``what``, newlines as "\\n".
+
+    ``what`` names the argument in messages: "--text" reads "--text story.txt: ...", and one
+    ending in "=" ("--ppl wiki=") is joined to the path as the user wrote it.
+
+    Why strict: reading with errors="replace" turned a Latin-1 or binary file into replacement
+    characters that tokenize into nonsense without a word, and a plain read raised a decoding error
+    the CLI could only call internal. Each fault is one TtfscError naming the file and the fix.
+    Newlines are translated as text mode does ("\\r\\n" and "\\r" to "\\n"), so a valid file reads
+    exactly as before.
+    """
+    p = Path(path)
+    name = f"{what}{p}" if what.endswith("=") else f"{what} {p}"
+    if not p.is_file():
+        raise TtfscError(f"{name}: no such file. Give the path of a plain-text (UTF-8) file.")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise TtfscError(f"{name}: cannot read it ({exc.strerror}); check its permissions.") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise TtfscError(f"{name}: a binary file (NUL byte at offset {nul}), not text; give a plain-text UTF-8 file.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TtfscError(f"{name}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         f"convert it, e.g. `iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}`.") from None
+    controls = len(_CONTROL.findall(text))
+    if controls > BINARY_SHARE * len(text):
+        raise TtfscError(f"{name}: looks binary ({controls} of {len(text)} characters are control characters), "
+                         "not text; give a plain-text UTF-8 file.")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 # ---------------------------------------------------------------- discovery
