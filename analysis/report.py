@@ -87,10 +87,9 @@ def find_qann(snn_path: Path) -> Path:
 
 
 def read_text(path: str) -> str:
+    from ttfsc.runtime.tokenizer import read_text_file
     p = Path(path)
-    if not p.is_file():
-        raise TtfscError(f"{p}: no such text file. Give --text a plain-text file to run the model on.")
-    text = p.read_text(errors="replace")[:400_000]
+    text = read_text_file(p, "--text")[:400_000]  # missing, binary or non-UTF-8: one clear line
     if not text.strip():
         raise TtfscError(f"{p}: the text file is empty. Give --text a file with some text.")
     return text

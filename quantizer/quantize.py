@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ttfsc import modelio
-from ttfsc.quantizer.calibration import Log
+from ttfsc.quantizer.calibration import Log, check_calib_text, check_finite_weights
 from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig
 from ttfsc.quantizer.full import quantize_float_full
 from ttfsc.quantizer.gptq import collect_hessians
@@ -51,7 +51,10 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, c
         # read once: smoothing and calibration both iterate the feeds
         config = dataclasses.replace(config, calib=[dict(f) for f in config.calib])
     path = str(model_path)
-    check_opset(modelio.load_model(path), path)
+    check_calib_text(config.calib)
+    model = modelio.load_model(path)
+    check_opset(model, path)
+    check_finite_weights(model, path)
     out_dir = Path(out_path).resolve().parent
     with transformed(path, out_dir, config, log) as tf:
         if config.full:
