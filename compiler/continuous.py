@@ -26,6 +26,7 @@ from ttfsc.dialect import ContinuousEmitSpec, emissions
 from ttfsc.errors import TtfscError
 from ttfsc.modelio import load_model
 from ttfsc.passes.registry import PassOptions
+from ttfsc.quantizer.calibration import check_calib_text, check_finite_weights
 from ttfsc.quantizer.config import compile_options
 from ttfsc.quantizer.qdq import activation_names, float_linears
 from ttfsc.quantizer.ranges import calibrate_model
@@ -57,7 +58,9 @@ def float_ranges(model_path: str, calib: Any = None, samples: int = 8, seqlen: i
     Same tensors, same calibration text (``calib`` None: self-generated) as ``ttfsc quantize``,
     but method minmax and no prefix: the ranges a continuous conversion of the float model sees.
     """
+    check_calib_text(calib)
     model = load_model(model_path)
+    check_finite_weights(model, model_path)  # an Inf weight gave NaN ranges and a compile that "succeeded"
     linears = float_linears(model, model_path, "; --neuron continuous needs the float model (as exported by "
                             "`ttfsc export`), not a QDQ one.")
     acts = activation_names(model, linears)

@@ -133,6 +133,9 @@ def test_non_finite_weight_is_named(tiny_llama_onnx, tmp_path, value):
     out = tmp_path / "q" / "model.onnx"
     one_error(ttfsc("quantize", bad, "-o", out), str(bad), repr(poison.name), "non-finite")
     assert not out.parent.exists()
+    snn = tmp_path / "c" / "model.onnx"  # the continuous baseline calibrates the float model too
+    one_error(ttfsc("compile", bad, "-T", "64", "--neuron", "continuous", "-o", snn), repr(poison.name), "non-finite")
+    assert not snn.parent.exists()
 
 
 # ---------------------------------------------------------------- generation and its arguments
