@@ -18,7 +18,7 @@ import onnx
 from ttfsc.dialect import EmitSpec, code_range
 from ttfsc.graph import GraphIndex
 from ttfsc.passes.base import Match, Pass, Rule
-from ttfsc.ttfs import UniformStage, bits_for_window, code_of_bound, requantize_params
+from ttfsc.ttfs import UniformStage, bits_for_window, code_of_bound, requantize_params, time_dtype
 
 class WindowMismatch(ValueError):
     """The QDQ model's activation width and -T disagree (and --requantize was not given)."""
@@ -82,7 +82,26 @@ class QuantDequantToEmit(Rule):
             bits_for_window(qmax - qmin + 1)
         except ValueError:
             return f"{qmax - qmin + 1} code levels is not 2^n for n in 2..12"
+        reason = self._reference_time_problem(float(scale.reshape(())), int(zp.reshape(())) - qmin, qmax - qmin + 1)
+        if reason:
+            return reason
         return float(scale.reshape(())), int(zp.reshape(())), qmin, qmax
+
+    @staticmethod
+    def _reference_time_problem(scale: float, z: int, T: int) -> str | None:
+        """Why the stage has no spike-time reference, or None.
+
+        Spike times are unsigned integers of the window's type, and the emission writes them with
+        t_ref = N - z as the quantizer's zero point: a zero point above the code window (t_ref < 0),
+        or so far below it that t_ref exceeds the type, has no such emission (found by the
+        property tests, tests/test_property_compile.py).
+        """
+        t_ref, top = UniformStage(scale, z, T).t_ref, int(np.iinfo(time_dtype(T)).max)
+        if 0 <= t_ref <= top:
+            return None
+        return (f"zero point {z} (relative to the lowest code) puts the stage's reference time t_ref = N - z = {t_ref} "
+                f"outside 0..{top}, which its spike times cannot express: re-quantize this tensor with a range that "
+                f"contains 0 inside the code window")
 
     def _mismatch(self, q: onnx.NodeProto, T: int) -> str:
         """-T and the QDQ model disagree: name the one -T that fits, or, when the stages have several

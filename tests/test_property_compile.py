@@ -220,34 +220,32 @@ def test_enable_all_narrow_codes_in_16_bit_type():
     assert not compare_stages(model, c, x, ENABLE, probes=False)
 
 
-# ------------------------------------------------------------------ bug: zero point outside the code window (xfail)
+# ------------------------------------------------------------------ zero point outside the code window
 #
 # Outside the properties above (they keep the zero point inside the Clip's code window): a zero
-# point above the window (or so far below it that t_ref = N - z exceeds the spike-time type) is
-# accepted by qdq_to_emit, ``compile`` writes the model (stages report t_ref -1), and opening it
-# fails in the emission's lowering: ``OverflowError: Python integer -1 out of bounds for uint8``
-# (runtime/kernels.py _quantize, the t_ref zero point). Minimal examples as hypothesis shrank them;
-# with the zero point below the window and t_ref within the type, the property holds (checked on
-# 300 examples). Fixed when the pass skips such a quantizer with a reason, or compiles it exactly.
+# point above the window (t_ref = N - z < 0), or so far below it that t_ref exceeds the spike-time
+# type, has no emission. Hypothesis found that qdq_to_emit used to accept such a quantizer and wrote
+# a model that could not be opened (OverflowError in the lowering); the minimal examples it shrank
+# to are kept here. The pass now leaves the quantizer alone with its reason, and compile refuses the
+# model with one clear error. With the zero point below the window and t_ref within the type, the
+# property holds (300 examples checked when the bug was found).
 
 OUTSIDE = [
-    pytest.param(ActSpec(levels=4, zero=4), id="zero-point-above-window"),          # z = N + 1: t_ref = -1
-    pytest.param(ActSpec(levels=256, zero=-1, wide=True, offset=1), id="t_ref-256-in-uint8"),
+    pytest.param(ActSpec(levels=4, zero=4), -1, id="zero-point-above-window"),          # z = N + 1: t_ref = -1
+    pytest.param(ActSpec(levels=256, zero=-1, wide=True, offset=1), 256, id="t_ref-256-in-uint8"),
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="bug: qdq_to_emit accepts a zero point outside the Clip's code window; the emission's "
-                          "t_ref does not fit the spike-time type and the compiled model cannot be opened")
-@pytest.mark.parametrize("act", OUTSIDE)
-def test_zero_point_outside_code_window(act):
+@pytest.mark.parametrize("act,t_ref", OUTSIDE)
+def test_zero_point_outside_code_window(act, t_ref):
     spec = QdqGraphSpec(rows=(3,), channels=1, stages=((act, LinearSpec(out=1)),))
     model, x, info = random_qdq_model(spec)
     c, reports = compile_in_memory(model, act.levels)
-    if reports[0]["skipped"]:                       # left alone with a reason: fine
-        assert leftover_activation_qdq(c)
-        return
-    assert_equal_runs(spec, model, c, x, info)
+    skipped = reports[0]["skipped"]
+    assert len(skipped) == 1 and f"t_ref = N - z = {t_ref} outside" in skipped[0]["reason"], reports[0]
+    assert leftover_activation_qdq(c)
+    with pytest.raises(TtfscError):
+        check_rewritten(c, "q.onnx")
 
 
 # ------------------------------------------------------------------ negative: not 2^n levels
