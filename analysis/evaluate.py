@@ -212,6 +212,8 @@ def cli(args: argparse.Namespace) -> int:
     corpora = [(name, read_corpus(path, name)) for name, path in args.ppl]
     loaded = [(name, kind, tasks.load_task(kind, path, args.limit)) for name, (kind, path) in specs]  # bad files too
     model = open_model(args.model, args.bos, args.threads)
+    if args.json:  # before the long part: a --json that cannot be written, or is an input, fails now
+        check_json_output(args.json, args.model, [p for _, p in args.ppl] + [p for _, p in args.tasks])
     result: dict[str, Any] = {"model": str(args.model), "bos": model.bos, "ppl": {}, "tasks": {}}
     for name, text in corpora:
         result["ppl"][name] = corpus_perplexity(model, text, args.seqlen, args.windows, args.seed, args.first,
@@ -223,6 +225,15 @@ def cli(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def check_json_output(path: str | Path, model_path: str | Path, data: list[str | Path]) -> None:
+    """--json must land in a writable folder and must not be the model, its files or a data file."""
+    from ttfsc.modelio import load_model, model_files
+    from ttfsc.transaction import guard
+    inputs: dict[Path, str] = {Path(p): "the data file" for p in data}
+    inputs |= model_files(load_model(model_path), model_path)
+    guard({Path(path): "the --json output"}, inputs, flag="--json")
 
 
 def write_json(path: str | Path, result: dict) -> None:

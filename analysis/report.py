@@ -11,18 +11,18 @@ and energy constants live in ``ttfsc.analysis.energy``; the raster and membrane 
 stepped by the reference simulator (``ttfsc.simulator``) on one stage's real weights and
 input spikes, and the report states whether they reproduce the runtime's numbers.
 
-Output: ``DIR/report.md``, ``DIR/report.json`` and ``DIR/*.png``, written into a temporary
-folder beside DIR and renamed at the end, so a failure leaves no half-written report.
+Output: ``DIR/report.md``, ``DIR/report.json`` and ``DIR/*.png``, written into a staged folder
+beside DIR that replaces it at the end (ttfsc.transaction), so a failure leaves no half-written
+report. DIR must be new or an earlier report: it is replaced whole.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,8 +38,9 @@ from ttfsc.dialect import (CODING_OF_EMIT, RATE_RECEIVE, RECEIVE, RateEmitSpec, 
                            emissions, stage_steps)
 from ttfsc.errors import TtfscError
 from ttfsc.graph import with_outputs
-from ttfsc.modelio import Initializers, load_model, model_dir
+from ttfsc.modelio import Initializers, load_model, model_dir, model_files
 from ttfsc.neuron import NeuronSpec, is_neuron
+from ttfsc.transaction import check_writable, refuse_replacing_folder, transaction, writing
 from ttfsc.ttfs import DOMAIN, clipping_term, decode_counts, decode_times, emit_ramp, grid_terms, receive_bias
 
 HELP = "markdown report with plots: latency, spikes, AC/MAC counts, energy vs the QANN, error vs Theorem 3"
@@ -917,11 +918,10 @@ def render_markdown(r: dict, command: str, images: dict[str, str]) -> str:
 
 
 def write_report(r: dict, out: Path, command: str) -> None:
-    """Write report.md, report.json and the PNGs into a temporary folder, then rename it to ``out``."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write report.md, report.json and the PNGs into a staged folder that replaces ``out`` when complete
+    (ttfsc.transaction: a failure or an interrupt leaves ``out`` as it was)."""
+    with transaction() as txn, writing(out, "the report"):
+        tmp = txn.stage(out, directory=True)
         rows = r["error"]["stages"]
         images = {"latency": plot_latency(rows, tmp), "spikes": plot_spikes(rows, tmp),
                   "energy": plot_energy(r["energy_pj_per_token"]["snn"], r["energy_pj_per_token"]["qann"], tmp),
@@ -930,15 +930,39 @@ def write_report(r: dict, out: Path, command: str) -> None:
         (tmp / "report.json").write_text(json.dumps(data, indent=1, default=float))
         (tmp / "report.md").write_text(render_markdown(r, command, images))
         os.chmod(tmp, 0o755)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+REPORT_FILES = ("report.md", "report.json")
+
+
+def check_out(out: Path, inputs: dict[Path, str]) -> None:
+    """Before the work: ``--out`` is replaced whole, so it must be new or an earlier report (never a folder
+    holding other files, or an input), in a folder that can be written."""
+    if out.exists() and not out.is_dir():
+        raise TtfscError(f"--out {out}: exists and is not a folder; give a folder path for the report.")
+    refuse_replacing_folder(out, inputs, "--out")
+    if out.is_dir():
+        foreign = [f.name for f in out.iterdir() if f.name not in REPORT_FILES and f.suffix != ".png"]
+        if foreign:
+            raise TtfscError(f"--out {out}: the folder holds files that are not a report's ({', '.join(sorted(foreign)[:3])}), "
+                             "and the report replaces the whole folder; give --out a new folder.")
+    check_writable(out.parent, "--out")
+
+
+def report_inputs(args) -> dict[Path, str]:
+    """The files the report reads: the spiking model's and the QANN's (their data, sidecars), the text."""
+    inputs: dict[Path, str] = {Path(args.text): "the --text file"}
+    for path in (Path(args.model), Path(args.qann) if args.qann else _found_qann(Path(args.model))):
+        with contextlib.suppress(TtfscError):  # a model that cannot be read: build_report says why, first
+            inputs |= model_files(load_model(path), path) if path is not None else {}
+    return inputs
+
+
+def _found_qann(snn_path: Path) -> Path | None:
+    try:
+        return find_qann(snn_path)
+    except TtfscError:
+        return None  # build_report says so
 
 
 def _command(args) -> str:
@@ -961,8 +985,7 @@ def cli(args) -> int:
     if args.out is None:
         p = Path(args.model)
         args.out = str(p.with_name(p.name.removesuffix(".onnx") + ".report"))
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise TtfscError(f"--out {args.out}: exists and is not a folder; give a folder path for the report.")
+    check_out(Path(args.out), report_inputs(args))
     consts = EnergyConstants(args.e_ac, args.e_mac, args.e_bit, args.e_static, args.e_mac_dense, args.e_mul)
     r = build_report(args.model, args.text, args.qann, args.tokens, consts, args.trace_stage, args.neurons)
     write_report(r, Path(args.out), _command(args))

@@ -10,8 +10,10 @@ measures it on the same windows. Latency is time steps per token (the longest ch
 windows, compiler.pipeline.latency_per_token).
 
 Outputs in ``--out``: ``sweep.md`` (the table and the command), ``sweep.png`` (PPL against T)
-and ``sweep.json`` (every number). Intermediate models go to ``--work`` and are reused when
-present (each is written atomically, so a present file is a complete one).
+and ``sweep.json`` (every number), written together at the end. Intermediate models go to
+``--work`` and are reused when present: each is its own transaction (ttfsc.transaction), so a
+present model is a complete one, and an interrupted sweep keeps the models finished so far and
+nothing half-made.
 """
 from __future__ import annotations
 
@@ -141,8 +143,7 @@ class Runner:
         from ttfsc.quantizer.quantize import quantize_model
         from ttfsc.ttfs import bits_for_window
         path = self.work / f"W{wbits}_T{T}" / "model.qdq.onnx"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():  # quantize_model creates the folder with the model, or not at all
             config = QuantConfig(wbits=wbits, abits=bits_for_window(T), **self.calib)
             quantize_model(self.sweep.model, path, config, log=_quiet)
         return path
@@ -158,7 +159,6 @@ class Runner:
         from ttfsc.compiler.pipeline import compile_model
         path = self.work / f"continuous_T{T}" / "model.onnx"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
             compile_model(self.sweep.model, str(path), T, quant_options=dict(self.calib), log=_quiet,
                           neuron="continuous")
         return path
@@ -193,6 +193,7 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], Any] = print) -> Sw
     _check_args(args)
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
+    check_outputs(args, out, work)
     sweep = Sweep(str(args.model), str(args.ppl), args.seqlen, args.windows, args.first,
                   command=getattr(args, "command", ""))
     calib = {"calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen}
@@ -284,16 +285,33 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         write(Path(tmp))
 
 
+def output_paths(out: Path, name: str) -> dict[str, Path]:
+    return {"md": out / f"{name}.md", "png": out / f"{name}.png", "json": out / f"{name}.json"}
+
+
+def check_outputs(args: argparse.Namespace, out: Path, work: Path) -> None:
+    """Before the sweep's hours: its folders can be written, and no output is one of its inputs."""
+    from ttfsc.modelio import load_model, model_files
+    from ttfsc.transaction import check_writable, guard
+    check_writable(work, "--work")
+    inputs = {Path(args.ppl): "the --ppl text"} | model_files(load_model(args.model), args.model)
+    if getattr(args, "calib", None):
+        inputs[Path(args.calib)] = "the --calib text"
+    guard({p: f"the sweep's {p.name}" for p in output_paths(out, args.name).values()}, inputs, "--out")
+
+
 def write_outputs(s: Sweep, wbits: list[int], out: Path, name: str) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / f"{name}.md", "png": out / f"{name}.png", "json": out / f"{name}.json"}
-    plot(s, wbits, paths["png"])
-    md = render_markdown(s, wbits, paths["png"].name)
-    if s.command:
-        md = f"Command: `{s.command}`\n\n" + md
-    _atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
-    _atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps(
-        {**{k: v for k, v in asdict(s).items() if k != "rows"}, "rows": [asdict(r) for r in s.rows]}, indent=1)))
+    """sweep.md, sweep.png and sweep.json: all three or none (one transaction)."""
+    from ttfsc.transaction import transaction
+    paths = output_paths(out, name)
+    with transaction():
+        plot(s, wbits, paths["png"])
+        md = render_markdown(s, wbits, paths["png"].name)
+        if s.command:
+            md = f"Command: `{s.command}`\n\n" + md
+        _atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
+        _atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps(
+            {**{k: v for k, v in asdict(s).items() if k != "rows"}, "rows": [asdict(r) for r in s.rows]}, indent=1)))
     return paths
 
 

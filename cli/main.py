@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ttfsc.errors import TtfscError
+from ttfsc.transaction import exit_status, interrupts_raise
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,17 @@ def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; SIGINT and SIGTERM unwind it like Ctrl-C (its outputs roll back, ttfsc.transaction)
+    and end it with one line and the shell's status for the signal: 130 (SIGINT), 143 (SIGTERM)."""
+    with interrupts_raise():
+        try:
+            return _run(argv)
+        except KeyboardInterrupt as exc:  # also when it comes while an error line is being printed
+            print("ttfsc: interrupted", file=sys.stderr)
+            return exit_status(exc)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         table = commands()  # imports the command modules: inside the try, so Ctrl-C here is "interrupted"
         args = build_parser(table).parse_args(argv)
@@ -220,9 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     except TtfscError as exc:
         print(f"ttfsc: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ttfsc: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001 - the interface never shows a traceback
         if os.environ.get("TTFSC_DEBUG"):
             raise

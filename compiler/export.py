@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from ttfsc.errors import TtfscError
-from ttfsc.modelio import SIDECAR_NAMES, load_model, save_model
+from ttfsc.modelio import SIDECAR_NAMES, atomic_outputs, data_file_name, load_model, save_model
+from ttfsc.transaction import guard, refuse_changing, transaction
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 LLAMA2C_HEADER = struct.Struct("<7i")
@@ -52,22 +52,44 @@ def export_model(src: str | os.PathLike, out_path: str | os.PathLike,
                  tokenizer: str | os.PathLike | None = None) -> Path:
     """Export SRC to ``out_path`` (+ ``.data``, config and tokenizer beside it); return the path.
 
-    Everything is built in a temporary folder; the model is renamed into place only when it is
-    complete, so a failure leaves no partial output.
+    Everything is built in a temporary folder; the model, its data, config and tokenizer are one
+    transaction (ttfsc.transaction), moved into place together when complete, so a failure or an
+    interrupt leaves no partial output.
     """
     src, out = Path(src), Path(out_path)
     _check_output(out)
     kind = detect_format(src)
-    with tempfile.TemporaryDirectory(prefix="ttfsc-export-") as work:
-        work = Path(work)
-        with _quiet():
-            hf_dir, stage = _prepare_hf_folder(src, kind, work, tokenizer)
-        onnx_dir = work / "onnx"
-        _run_optimum(hf_dir, onnx_dir)
-        model = load_model(onnx_dir / "model.onnx")
-        _publish_sidecars(stage, out.parent)
-        save_model(model, out)
+    with transaction() as txn:
+        inputs = _export_inputs(src, kind, tokenizer)
+        guard(_export_outputs(out), inputs)
+        work = txn.scratch(None, "export")
+        try:
+            with _quiet():
+                hf_dir, stage = _prepare_hf_folder(src, kind, work, tokenizer)
+            refuse_changing({out.parent / f.name: f for f in stage.iterdir()}, inputs)  # before the long export
+            onnx_dir = work / "onnx"
+            _run_optimum(hf_dir, onnx_dir)
+            model = load_model(onnx_dir / "model.onnx")
+            _publish_sidecars(stage, out.parent)
+            save_model(model, out)
+        finally:
+            txn.release(work)
     return out
+
+
+def _export_outputs(out: Path) -> dict[Path, str]:
+    return {out: "the output", out.with_name(data_file_name(out)): "the output's data file"}
+
+
+def _export_inputs(src: Path, kind: str, tokenizer: str | os.PathLike | None) -> dict[Path, str]:
+    """The checkpoint's files, which the export must not overwrite (a tokenizer copied onto itself is fine)."""
+    if kind == "hf":
+        return {f: f"the checkpoint's {f.name}" for f in sorted(src.iterdir()) if f.is_file()}
+    files = {src: "the checkpoint"}
+    if kind == "llama2c":
+        with contextlib.suppress(TtfscError):  # none found: _prepare_hf_folder says so
+            files[_find_llama2c_tokenizer(src, tokenizer)] = "the tokenizer"
+    return files
 
 
 def _check_output(out: Path) -> None:
@@ -268,13 +290,12 @@ def _quiet() -> Iterator[None]:
 
 
 def _publish_sidecars(stage: Path, out_dir: Path) -> None:
-    """Copy config and tokenizer beside the model, replacing stale ones from an earlier export."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Copy config and tokenizer beside the model, replacing stale ones from an earlier export
+    (outputs of the export's transaction: they appear with the model, or not at all)."""
     for name in SIDECAR_NAMES:
         if (stage / name).is_file():
-            tmp = out_dir / f".{name}.tmp"
-            shutil.copy2(stage / name, tmp)
-            os.replace(tmp, out_dir / name)
+            with atomic_outputs(out_dir / name) as (tmp,):
+                shutil.copy2(stage / name, tmp)
 
 
 # ---------------------------------------------------------------- llama2.c

@@ -27,11 +27,14 @@ from ttfsc.compiler.coverage import coverage, stages_per_block
 from ttfsc.dialect import CODING_OF_EMIT, RateEmitSpec, attrs, emissions, stage_steps
 from ttfsc.errors import TtfscError
 from ttfsc.graph import drop_metadata, set_metadata
-from ttfsc.modelio import copy_sidecars, load_model, model_dir, save_model
+from ttfsc.modelio import copy_sidecars, data_file_name, load_model, model_dir, save_model
 from ttfsc.neuron import NeuronSpec, is_neuron
 from ttfsc.passes.qdq_to_emit import WindowMismatch
 from ttfsc.passes.registry import PassOptions, run_pipeline
 from ttfsc.quantizer.config import QuantConfig, compile_options
+from ttfsc.quantizer.prefix import declares_prefix, input_files
+from ttfsc.runtime.generate import PREFIX_FILE
+from ttfsc.transaction import guard, staged, transaction
 from ttfsc.ttfs import CODINGS, NEURONS, bits_for_window
 
 
@@ -139,13 +142,15 @@ def check_rewritten(model: onnx.ModelProto, path: str) -> None:
                          f"(first: {left[0]}); see --json for the reason each was skipped.")
 
 
-def check_saved(out_path: str, src: str) -> None:
-    """onnx.checker on the written file (by path, so external data is checked where it lives)."""
+def check_saved(out_path: str | Path, src: str) -> None:
+    """onnx.checker on the written file (by path, so external data is checked where it lives).
+
+    Give it the staged file (``ttfsc.transaction.staged``): failing, the command's transaction
+    drops the model and its data, and an older output at ``out_path`` stays as it was.
+    """
     try:
         onnx.checker.check_model(str(out_path))
     except onnx.checker.ValidationError as exc:
-        for p in (Path(out_path), Path(str(out_path) + ".data")):
-            p.unlink(missing_ok=True)
         raise TtfscError(f"{src}: compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
@@ -233,21 +238,38 @@ def compile_model(model_path: str, out_path: str, T: int | str, requantize: bool
     t0 = time.perf_counter()
     model = load_model(model_path)
     src_dir = model_dir(model)
-    model, report, options = plan.prepare(model, model_path, out_path, is_qdq(model))
-    report["passes"] = run_checked(model, plan.pipeline, options)
-    plan.check(model, model_path)
-    report["stages"] = plan.stages(model)
-    report["latency_steps_per_token"] = latency_per_token(model)
-    report.update(plan.coverage(model, src_dir))
-    drop, entries = plan.metadata()
-    if drop:
-        drop_metadata(model, drop)
-    set_metadata(model, entries)
-    save_model(model, out_path)
-    check_saved(out_path, model_path)
-    copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
+    qdq = is_qdq(model)
+    with transaction():  # the SNN, its data, a float model's QANN twin and the sidecars: all or nothing
+        guard(compile_outputs(out_path, twin=not qdq and isinstance(plan, QcCompile), model=model),
+              input_files(model, model_path))
+        model, report, options = plan.prepare(model, model_path, out_path, qdq)
+        report["passes"] = run_checked(model, plan.pipeline, options)
+        plan.check(model, model_path)
+        report["stages"] = plan.stages(model)
+        report["latency_steps_per_token"] = latency_per_token(model)
+        report.update(plan.coverage(model, src_dir))
+        drop, entries = plan.metadata()
+        if drop:
+            drop_metadata(model, drop)
+        set_metadata(model, entries)
+        save_model(model, out_path)
+        check_saved(staged(out_path), model_path)
+        copy_sidecars(src_dir, str(Path(out_path).resolve().parent))
     report["compile_seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def compile_outputs(out_path: str, twin: bool, model: onnx.ModelProto) -> dict[Path, str]:
+    """The files compile writes (``{path: what it is}``): the model, its data and, for a float model, the
+    QANN twin with its data and the prefix.npz quantization may add (when the input has one of its own)."""
+    out = Path(out_path)
+    files = {out: "the output", out.with_name(data_file_name(out)): "the output's data file"}
+    if twin:
+        qann = Path(qann_path_for(out_path))
+        files |= {qann: "the QANN twin", qann.with_name(data_file_name(qann)): "the QANN twin's data file"}
+        if declares_prefix(model):
+            files[out.with_name(PREFIX_FILE)] = "the QANN twin's prefix.npz"
+    return files
 
 
 def _window_bits(T: int | str) -> int | None:
@@ -273,7 +295,7 @@ def _quantize_first(model_path: str, qpath: str, bits: int, opts: dict, log) -> 
     log(f"ttfsc: {model_path} has no activation QuantizeLinear/DequantizeLinear: quantizing it first "
         f"with A{bits} (= log2 T) activations and W{config.wbits} weights; the QANN is kept at {qpath}.")
     summary = quantize_model(model_path, qpath, config, log=log)
-    return load_model(qpath), summary
+    return load_model(staged(qpath)), summary  # read where the transaction staged it
 
 
 # quantize's options that compile forwards when it has to quantize a float model first (QuantConfig's fields)

@@ -2,8 +2,8 @@
 
 Models are loaded without their external data. Tensor values are read one at a time
 (memory-mapped from the external file), and saving streams every external tensor into the new
-data file one by one. Output files are written to temporaries in the target folder and renamed
-only on success, so a failed command leaves nothing half-written behind.
+data file one by one. Output files are staged in the target folder and moved in only when the
+command succeeds (``ttfsc.transaction``), so a failed command leaves nothing half-written behind.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from ttfsc.errors import TtfscError
+from ttfsc.transaction import current as current_transaction
+from ttfsc.transaction import output_block, same_file, work_folder, writing
 
 INLINE_LIMIT = 1024  # bytes; larger tensors go to the external data file on save
 
@@ -327,31 +329,25 @@ class Initializers:
 
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[str]]:
-    """Yield temporary paths next to each target; rename all on success, delete all on failure."""
-    tmps = []
-    for p in paths:
-        p = Path(p)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-        tmps.append(tmp)
-    try:
-        yield tmps
-    except BaseException:
-        for t in tmps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(t)
-        raise
-    mode = 0o666 & ~_umask()
-    for t, p in zip(tmps, paths):
-        os.chmod(t, mode)  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(t, p)
+    """Yield the path to write each target to; the targets appear together when the command ends, or never.
+
+    Inside a command's transaction (``ttfsc.transaction``) the files are staged and moved in with
+    the command's other outputs; outside one (or in a scratch folder) when this block ends. A full
+    disk is one clear error naming the file it was writing.
+    """
+    with output_block(paths[0]) as txn:
+        tmps = [txn.stage(p) for p in paths]
+        try:
+            yield [str(t) for t in tmps]
+        except OSError:
+            with writing(_latest(paths, tmps)):
+                raise
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def _latest(targets: tuple, staged: list[Path]) -> str | os.PathLike:
+    """The target whose staged file was written last: the one a failing write was writing."""
+    times = [(t.stat().st_mtime_ns if t.exists() else -1, i) for i, t in enumerate(staged)]
+    return targets[max(times)[1]]
 
 
 def data_file_name(out_path: str | os.PathLike) -> str:
@@ -359,33 +355,43 @@ def data_file_name(out_path: str | os.PathLike) -> str:
 
 
 def save_model(model: onnx.ModelProto, out_path: str | os.PathLike, new_tensors: dict | None = None) -> None:
-    """Write ``model`` to ``out_path`` and its large tensors to ``<out>.data``, atomically.
+    """Write ``model`` to ``out_path`` and its large tensors to ``<out>.data``, as one output.
 
     External tensors of the source are copied chunk by chunk from their files; in-memory tensors
     above INLINE_LIMIT bytes are moved out as well, so the .onnx stays small and any model size
-    works (the 2 GB protobuf limit never applies).
+    works (the 2 GB protobuf limit never applies). The data file is staged first, so it is moved in
+    before the model that names it; a model without large tensors removes a stale ``<out>.data``.
     """
     out_path = Path(out_path)
     src_dir = model_dir(model)
     data_name = data_file_name(out_path)
-    with atomic_outputs(out_path, out_path.parent / data_name) as (tmp_model, tmp_data):
-        offset = 0
-        with open(tmp_data, "wb") as data:
-            for t in _all_tensors(model):
-                raw = _tensor_bytes(t, src_dir)
-                if raw is None:
-                    continue
-                pad = (-offset) % 64
-                data.write(b"\0" * pad)
-                offset += pad
-                length = _copy_into(raw, data)
-                _set_external(t, data_name, offset, length)
-                offset += length
-        has_data = offset > 0
-        _write_proto(model, tmp_model)
-    if not has_data:
-        os.unlink(out_path.parent / data_name)
+    data_path = out_path.parent / data_name
+    with output_block(data_path) as txn:
+        tmp_data, tmp_model = txn.stage(data_path), txn.stage(out_path)
+        with writing(data_path):
+            has_data = _write_data(model, src_dir, tmp_data, data_name)
+        with writing(out_path):
+            _write_proto(model, str(tmp_model))
+        if not has_data:
+            txn.remove(data_path)
     set_model_dir(model, out_path.parent.resolve())
+
+
+def _write_data(model: onnx.ModelProto, src_dir: str, data_path: Path, data_name: str) -> bool:
+    """Stream every large tensor into ``data_path`` (64-byte aligned); whether there was any."""
+    offset = 0
+    with open(data_path, "wb") as data:
+        for t in _all_tensors(model):
+            raw = _tensor_bytes(t, src_dir)
+            if raw is None:
+                continue
+            pad = (-offset) % 64
+            data.write(b"\0" * pad)
+            offset += pad
+            length = _copy_into(raw, data)
+            _set_external(t, data_name, offset, length)
+            offset += length
+    return offset > 0
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -458,7 +464,8 @@ class SpillFile:
     """
 
     def __init__(self, folder: Path, tag: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder  # named when the disk fills up
+        folder = work_folder(folder)  # inside a command: its stage folder, removed with it however the run ends
         fd, self.path = tempfile.mkstemp(prefix=f".ttfsc-{tag}.", suffix=".tmp", dir=folder)
         self.file = os.fdopen(fd, "wb")
         _OWN_FILES.add(os.path.realpath(self.path))  # its tensors' absolute locations are ttfsc's own
@@ -482,18 +489,21 @@ class SpillFile:
     def begin(self) -> int:
         """Align and return where the next tensor starts."""
         pad = (-self.offset) % 64
-        self.file.write(b"\0" * pad)
+        with writing(self.folder, "temporary weights there"):
+            self.file.write(b"\0" * pad)
         self.offset += pad
         return self.offset
 
     def write(self, chunk: np.ndarray) -> None:
         raw = np.ascontiguousarray(chunk).tobytes()
-        self.file.write(raw)
+        with writing(self.folder, "temporary weights there"):
+            self.file.write(raw)
         self.offset += len(raw)
 
     def tensor(self, name: str, dtype: int, dims, start: int) -> TensorProto:
         """The external TensorProto for what was written since ``start``."""
-        self.file.flush()
+        with writing(self.folder, "temporary weights there"):
+            self.file.flush()
         t = TensorProto(name=name, data_type=dtype, dims=list(dims))
         _set_external(t, os.path.abspath(self.path), start, self.offset - start)
         return t
@@ -519,9 +529,41 @@ SIDECAR_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 
 
 def copy_sidecars(src_dir: str, out_dir: str) -> None:
-    """Carry the tokenizer and config files next to a derived model, so later commands find them."""
+    """Carry the tokenizer and config files next to a derived model, so later commands find them.
+
+    A file already there is kept (it may belong to another model in that folder; the same folder
+    is a no-op), unless it is empty: no sidecar is valid empty, and a 0-byte config.json left by an
+    older interrupted run would be trusted forever. The copies are outputs of the running command
+    (``atomic_outputs``): they appear with the model, or not at all.
+    """
     for name in SIDECAR_NAMES:
         src = os.path.join(src_dir, name)
         dst = os.path.join(out_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst) and not os.path.exists(dst):
-            shutil.copy2(src, dst)
+        if os.path.isfile(src) and not same_file(src, dst) and not _sidecar_present(dst):
+            with atomic_outputs(dst) as (tmp,):
+                shutil.copy2(src, tmp)
+
+
+def _sidecar_present(path: str) -> bool:
+    """Already there for the model: staged by this command, or a non-empty file (or anything else) on disk."""
+    txn = current_transaction()
+    if txn is not None and txn.is_staged(path):
+        return True
+    return os.path.lexists(path) and not (os.path.isfile(path) and os.path.getsize(path) == 0)
+
+
+def model_files(model: onnx.ModelProto, path: str | os.PathLike) -> dict[Path, str]:
+    """The files a command reads with this model, ``{path: what it is}``: the model, its external data
+    files and its sidecars but prefix.npz (which only a model declaring a prefix owns). An output
+    must never overwrite one of them (``ttfsc.transaction.guard``)."""
+    p = Path(path)
+    files = {p: "the input model"}
+    base = Path(model_dir(model))
+    for t, _ in model_tensors(model):
+        location = _external_info(t).get("location", "") if _is_external(t) else ""
+        if location and not os.path.isabs(location):
+            files.setdefault(base / location, "the input's data file")
+    for name in SIDECAR_NAMES:
+        if name != "prefix.npz" and (p.parent / name).is_file():
+            files.setdefault(p.parent / name, f"the input's {name}")
+    return files

@@ -21,7 +21,7 @@ import numpy as np
 from ttfsc import modelio
 from ttfsc.errors import TtfscError
 from ttfsc.quantizer.calibration import Log, bos_id, calibration_sequences, decoder
-from ttfsc.runtime.generate import Generator, Prefix, format_ids
+from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, Generator, Prefix, format_ids
 
 OUTLIER_RATIO = 10.0  # a token is an outlier when its peak |activation| exceeds 10x the median peak
 MAX_PREFIX_TOKENS = 4  # BOS + up to 3 other outlier tokens (PrefixQuant uses 1-4)
@@ -98,9 +98,25 @@ def choose_prefix(mode: str | list[int], sess: Any, acts: Sequence[str], gen: Ge
 
 
 def save_prefix(prefix: Prefix, path: Path) -> None:
-    """Write prefix.npz atomically: a half-written cache beside a model would silently corrupt it."""
+    """Write prefix.npz with the command's other outputs: a half-written cache beside a model would
+    silently corrupt it."""
     with modelio.atomic_outputs(path) as (tmp,):
         prefix.save(tmp)
+
+
+def declares_prefix(model: Any) -> bool:
+    """Whether the model runs after a prefix, whose KV cache is the prefix.npz beside it."""
+    return any(e.key == PREFIX_META and e.value for e in model.metadata_props)
+
+
+def input_files(model: Any, path: str | os.PathLike) -> dict[Path, str]:
+    """The files a command reads with the model at ``path`` (modelio.model_files), with its prefix.npz
+    when it declares a prefix (beside a model that does not, a prefix.npz is some sibling's)."""
+    files = modelio.model_files(model, path)
+    prefix = Path(path).with_name(PREFIX_FILE)
+    if declares_prefix(model) and prefix.is_file():
+        files[prefix] = "the input's prefix.npz"
+    return files
 
 
 def calibration_feeds(sess: Any, path: str, acts: Sequence[str], calib: Any, prefix_mode: str | list[int],

@@ -30,11 +30,12 @@ from ttfsc.quantizer.calibration import Log, check_calib_text, check_finite_weig
 from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig
 from ttfsc.quantizer.full import quantize_float_full
 from ttfsc.quantizer.gptq import collect_hessians
-from ttfsc.quantizer.prefix import save_prefix
+from ttfsc.quantizer.prefix import declares_prefix, input_files, save_prefix
 from ttfsc.quantizer.qdq import activation_names, check_opset, float_linears, write_qann
 from ttfsc.quantizer.ranges import SEARCH_RATIOS, ActParams, Calibration, calibrate_model, split_finite
 from ttfsc.quantizer.transforms import Transform, transformed
 from ttfsc.runtime.generate import PREFIX_FILE, PREFIX_META, format_ids
+from ttfsc.transaction import guard, transaction
 
 
 def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, config: QuantConfig | None = None,
@@ -56,13 +57,25 @@ def quantize_model(model_path: str | os.PathLike, out_path: str | os.PathLike, c
     check_opset(model, path)
     check_finite_weights(model, path)
     out_dir = Path(out_path).resolve().parent
-    with transformed(path, out_dir, config, log) as tf:
-        if config.full:
-            summary = quantize_float_full(tf, path, str(out_path), config, log)
-        else:
-            summary = quantize_float(tf, path, out_path, config, log)
-    modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
+    with transaction():  # the QANN, its data, prefix.npz and the sidecars: all or nothing
+        guard(quantize_outputs(out_path, model), input_files(model, path))
+        with transformed(path, out_dir, config, log) as tf:
+            if config.full:
+                summary = quantize_float_full(tf, path, str(out_path), config, log)
+            else:
+                summary = quantize_float(tf, path, out_path, config, log)
+        modelio.copy_sidecars(str(Path(path).resolve().parent), str(out_dir))
     return summary
+
+
+def quantize_outputs(out_path: str | os.PathLike, model: Any) -> dict[Path, str]:
+    """What quantize writes that could clobber an input: the QANN, its data, and prefix.npz beside it when the
+    input has a prefix of its own (any other prefix.npz there belongs to a sibling model, replaced as always)."""
+    out = Path(out_path)
+    files = {out: "the output", out.with_name(modelio.data_file_name(out)): "the output's data file"}
+    if declares_prefix(model):
+        files[out.with_name(PREFIX_FILE)] = "the output's prefix.npz"
+    return files
 
 
 def quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, config: QuantConfig, log: Log) -> dict:

@@ -11,8 +11,6 @@ model, kept in a temporary folder beside the output and deleted afterwards.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from ttfsc.quantizer.prefix import calibration_feeds
 from ttfsc.quantizer.qdq import activation_names, find_linears
 from ttfsc.quantizer.rotate import (analyse, merge_channel_max, rotate_down_inputs, rotate_model, smooth_model,
                                     smoothable_inputs)
+from ttfsc.transaction import transaction
 
 
 class ChannelMax:
@@ -102,31 +101,37 @@ def transformed(path: str, out_dir: Path, config: QuantConfig, log: Log) -> Iter
     meta = {"ttfsc.rotation": "none", "ttfsc.smoothing": "none"}
     rotate, alpha = resolve_auto(path, config.rotate, config.smooth_alpha, log)
     down = wants_online_hadamard(config.online_hadamard, rotate, config.full)
-    prefix_mode, seed = config.prefix_mode, config.rotate_seed
     if rotate == "none" and not alpha and not down:
-        yield Transform(path, prefix_mode, meta)
+        yield Transform(path, config.prefix_mode, meta)
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ttfsc-transform.", dir=out_dir))
-    try:
-        src = path
-        if rotate != "none":
-            t0 = time.perf_counter()
-            src = str(tmp / "rotated" / "model.onnx")
-            rotate_model(path, src, seed=seed, kind=rotate)
-            meta["ttfsc.rotation"] = f"{rotate} seed={seed}"
-            log(f"rotation: {rotate} seed {seed} ({time.perf_counter() - t0:.1f}s)")
-        if alpha:
-            smoothed = str(tmp / "smoothed" / "model.onnx")
-            prefix_mode, meta["ttfsc.smoothing"] = smooth(src, smoothed, alpha, config.calib, prefix_mode,
-                                                          config.calib_samples, config.calib_seqlen, log)
-            src = smoothed
-        if down:
-            rotated = str(tmp / "online" / "model.onnx")
-            info = rotate_down_inputs(src, rotated, seed=seed)
-            meta["ttfsc.down_rotation"] = f"online hadamard seed={seed} blocks={info['rotated']}"
-            log(f"online Hadamard before {info['rotated']} down_proj inputs (float x·H, factored; W_down := H^T W_down)")
-            src = rotated
-        yield Transform(src, prefix_mode, meta)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with transaction() as txn:  # quantize's: the scratch folder goes with it however the run ends
+        tmp = txn.scratch(out_dir, "transform")
+        try:
+            yield _transform(path, tmp, rotate, alpha, down, config, meta, log)
+        finally:
+            txn.release(tmp)
+
+
+def _transform(path: str, tmp: Path, rotate: str, alpha: float, down: bool, config: QuantConfig,
+               meta: dict[str, str], log: Log) -> Transform:
+    """The transformed copies of ``path`` in the scratch folder ``tmp``, in order; the last is quantized."""
+    prefix_mode, seed = config.prefix_mode, config.rotate_seed
+    src = path
+    if rotate != "none":
+        t0 = time.perf_counter()
+        src = str(tmp / "rotated" / "model.onnx")
+        rotate_model(path, src, seed=seed, kind=rotate)
+        meta["ttfsc.rotation"] = f"{rotate} seed={seed}"
+        log(f"rotation: {rotate} seed {seed} ({time.perf_counter() - t0:.1f}s)")
+    if alpha:
+        smoothed = str(tmp / "smoothed" / "model.onnx")
+        prefix_mode, meta["ttfsc.smoothing"] = smooth(src, smoothed, alpha, config.calib, prefix_mode,
+                                                      config.calib_samples, config.calib_seqlen, log)
+        src = smoothed
+    if down:
+        rotated = str(tmp / "online" / "model.onnx")
+        info = rotate_down_inputs(src, rotated, seed=seed)
+        meta["ttfsc.down_rotation"] = f"online hadamard seed={seed} blocks={info['rotated']}"
+        log(f"online Hadamard before {info['rotated']} down_proj inputs (float x·H, factored; W_down := H^T W_down)")
+        src = rotated
+    return Transform(src, prefix_mode, meta)
