@@ -210,6 +210,10 @@ class Transaction:
     def stage(self, target: PathLike, directory: bool = False) -> Path:
         """Where to write ``target`` (a file, or a folder with ``directory``): same name, in the stage folder."""
         t = _target(target)
+        if t.is_dir() != directory and os.path.lexists(t) and not t.is_symlink():
+            kind = "folder" if t.is_dir() else "file"
+            raise TtfscError(f"{target}: is a {kind}, and the output is a {'folder' if directory else 'file'}; "
+                             f"give a path that is not a {kind}.")
         staged = self.stage_folder(t.parent) / t.name
         _remove(staged)  # a second write of one target replaces the first
         if directory:
@@ -537,6 +541,9 @@ def check_writable(folder: PathLike, flag: str = "-o") -> None:
 
 def guard(outputs: Mapping[PathLike, str], inputs: Mapping[PathLike, str], flag: str = "-o") -> None:
     """All checks on a command's outputs before its work starts; the inputs are protected at commit too."""
+    for out in outputs:
+        if os.path.isdir(out) and not os.path.islink(out):
+            raise TtfscError(f"{flag} {out}: is a folder; give {flag} the path of a file in it.")
     for folder in dict.fromkeys(Path(os.path.abspath(o)).parent for o in outputs):
         check_writable(folder, flag)
     refuse_overwriting(outputs, inputs, flag)

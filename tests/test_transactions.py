@@ -140,6 +140,24 @@ def test_hard_and_symbolic_links_to_the_input_are_refused(qdir: Path):
     assert snapshot(qdir.parent) == before
 
 
+def test_an_output_that_is_a_folder_is_refused_before_the_work(qdir: Path, tmp_path: Path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "old.txt").write_text("mine")
+    one_error(ttfsc("compile", qdir, "-T", "16", "-o", folder), "is a folder")
+    assert snapshot(folder) == {"old.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_export_into_the_checkpoint_folder_must_not_change_its_files(tiny_llama_dir: Path, tmp_path: Path):
+    """The export's own tokenizer files differ from the checkpoint's: refused before the export runs."""
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, hf)
+    (hf / "tokenizer_config.json").write_text((hf / "tokenizer_config.json").read_text() + "\n")  # not as saved
+    before = snapshot(hf)
+    one_error(ttfsc("export", hf, "-o", hf / "model.onnx"), "tokenizer_config.json", "another folder")
+    assert snapshot(hf) == before
+
+
 def test_a_data_file_named_like_the_inputs_is_refused(qdir: Path):
     src = _relocated_data(qdir)
     before = snapshot(qdir.parent)
@@ -343,10 +361,11 @@ def _after(seconds: float) -> Callable[[], bool]:
     return lambda: time.monotonic() - start >= seconds
 
 
-def _interrupt(args: list[object], when: Callable[[], bool], signals: list[int]) -> subprocess.CompletedProcess:
+def _interrupt(args: list[object], when: Callable[[], bool], signals: list[int],
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Start the CLI, wait until ``when()`` holds, send ``signals`` (one after the other), collect the result."""
     proc = subprocess.Popen([sys.executable, "-m", "ttfsc.cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=env or ENV)
     deadline = time.monotonic() + 300
     while not when():
         assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-2000:]}"
@@ -399,6 +418,17 @@ def test_quantize_interrupted_removes_the_folders_it_made(fdir: Path, tmp_path: 
     proc = _interrupt(["quantize", fdir, *QUICK, "-o", out], POINTS["transform"](out.parent), [signal.SIGTERM])
     assert proc.returncode == 143 and proc.stderr.strip() == "ttfsc: interrupted"
     assert not (tmp_path / "a").exists()
+
+
+def test_an_interrupted_export_leaves_no_scratch_and_no_output(tiny_llama_dir: Path, tmp_path: Path):
+    """SIGTERM while optimum exports: the work folder in the system's temporary folder goes too."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out" / "model.onnx"
+    started = lambda: any((d / "sidecars").is_dir() for d in tmp.glob("ttfsc-export-*"))  # noqa: E731
+    proc = _interrupt(["export", tiny_llama_dir, "-o", out], started, [signal.SIGTERM], {**ENV, "TMPDIR": str(tmp)})
+    assert proc.returncode == 143 and proc.stderr.strip() == "ttfsc: interrupted", proc.stderr[-2000:]
+    assert not out.parent.exists() and not list(tmp.glob("ttfsc-*"))
 
 
 def test_a_signal_during_a_shielded_section_waits_for_its_end():
