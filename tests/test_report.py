@@ -151,6 +151,9 @@ def test_report_errors(tiny_snn: Path, text: Path, tmp_path: Path, capsys):
     lonely = tmp_path / "lonely" / "x.snn.onnx"
     lonely.parent.mkdir()
     lonely.write_bytes(tiny_snn.read_bytes())
+    data = tiny_snn.with_name(tiny_snn.name + ".data")  # the model with its weights, but no QANN beside it
+    if data.exists():
+        (lonely.parent / data.name).write_bytes(data.read_bytes())
     assert main(["report", str(lonely), "--text", str(text), "--out", str(out)]) == 2
     assert "--qann" in capsys.readouterr().err
     assert not out.exists()
