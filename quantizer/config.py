@@ -216,6 +216,21 @@ def bits_for(name: str, abits: int, overrides: Mapping[str, int] | None) -> int:
     return abits
 
 
+def check_overrides_match(overrides: Mapping[str, int], names: Sequence[str]) -> None:
+    """Refuse an --abits-for pattern that no quantized activation's name contains.
+
+    Such a pattern used to be ignored without a word, leaving the model at one width while the
+    user believed some stages were wider (e.g. ``down_proj=8``: the down_proj input is named
+    ``.../mlp/Mul_output_0``).
+    """
+    for pattern, bits in overrides.items():
+        if not any(pattern in n for n in names):
+            example = next(iter(names), "")
+            raise TtfscError(f"--abits-for {pattern}={bits}: no quantized activation's name contains {pattern!r}; "
+                             f"the names look like {example!r} (the list is printed by `ttfsc quantize`); use a part "
+                             f"of one, e.g. 'mlp/Mul' for the down_proj inputs.")
+
+
 def parse_bits_overrides(specs: Sequence[str] | None) -> dict[str, int]:
     """``["mlp/Mul=8", ...]`` -> {"mlp/Mul": 8}; bad syntax or widths are a clear error."""
     out: dict[str, int] = {}

@@ -27,7 +27,7 @@ import numpy as np
 
 from ttfsc import modelio
 from ttfsc.quantizer.calibration import Log, check_calib_text, check_finite_weights
-from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig
+from ttfsc.quantizer.config import WEIGHT_BITS, QuantConfig, check_overrides_match
 from ttfsc.quantizer.full import quantize_float_full
 from ttfsc.quantizer.gptq import collect_hessians
 from ttfsc.quantizer.prefix import declares_prefix, input_files, save_prefix
@@ -84,6 +84,7 @@ def quantize_float(tf: Transform, original: str, out_path: str | os.PathLike, co
     model = modelio.load_model(path)
     linears = float_linears(model, original)
     acts = activation_names(model, linears)
+    check_overrides_match(config.overrides, acts)
     t0 = time.perf_counter()
     cal = calibrate_model(model, path, linears, acts, config.calib, config.method, config.percentile, config.bits,
                           tf.prefix_mode, config.calib_samples, config.calib_seqlen, log)

@@ -216,3 +216,14 @@ def test_ctrl_c_while_importing_is_not_a_traceback(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("ttfsc:")
+
+
+# ---------------------------------------------------------------- options that would be ignored
+
+def test_abits_for_pattern_that_matches_nothing(tiny_llama_onnx, tmp_path):
+    """`--abits-for down_proj=8` used to be ignored without a word (no tensor is named down_proj)."""
+    out = tmp_path / "q" / "model.onnx"
+    one_error(ttfsc("quantize", tiny_llama_onnx, "-o", out, "--abits-for", "down_proj=8", "--rotate", "none",
+                    "--method", "minmax", "--prefix", "none", "--calib-samples", "2", "--calib-seqlen", "32"),
+              "--abits-for down_proj=8", "mlp/Mul")
+    assert not out.parent.exists()
