@@ -90,15 +90,52 @@ def interrupts_raise() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         for s in INTERRUPTS:  # a Python no-op, not SIG_IGN: a signal already due would print a warning
             signal.signal(s, _ignore)
+        if _importing(frame) and hasattr(signal, "setitimer"):
+            _raise_after_import(signum)
+            return
         raise Interrupted(signum)
 
     for s in INTERRUPTS:
         signal.signal(s, handler)
+    alarm = signal.getsignal(signal.SIGALRM) if hasattr(signal, "SIGALRM") else None
     try:
         yield
     finally:
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, alarm if alarm is not None else signal.SIG_DFL)
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+#: how often an interruption that arrived during an import looks again whether the import is over
+IMPORT_RECHECK_S = 0.05
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside an import (a module body runs under importlib's frames)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_after_import(signum: int) -> None:
+    """Raise ``Interrupted`` as soon as no import is under way, checked on a short timer.
+
+    An exception raised while an extension module initialises can abort the whole process: seen
+    in CI as SIGABRT when Ctrl-C landed while transformers imported torch, with no cleanup at
+    all. An import takes seconds at most, so the interruption waits for its end.
+    """
+    def again(_signum: int, frame: FrameType | None) -> None:
+        if _importing(frame):
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_RECHECK_S)
+            return
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGALRM, again)
+    signal.setitimer(signal.ITIMER_REAL, IMPORT_RECHECK_S)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

@@ -473,3 +473,33 @@ def test_a_valid_compile_is_byte_identical(tmp_path: Path):
     for name in ("model.snn.onnx", "model.snn.onnx.data"):
         assert (tmp_path / name).read_bytes() == (S260 / name).read_bytes(), name
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_signal_during_an_import_waits_for_the_import_to_finish(tmp_path: Path):
+    """Ctrl-C inside an import is acted on when the import is over, not in the middle of it.
+
+    An exception raised while an extension module initialises can abort the process (SIGABRT,
+    no cleanup at all): seen in CI when the signal landed while transformers imported torch. Here
+    a module whose body sleeps stands for the slow import; it must run to its end (the marker),
+    and the interruption must still come, as one line and exit 130.
+    """
+    (tmp_path / "slow_module.py").write_text(
+        "import time, pathlib\ntime.sleep(1.5)\npathlib.Path('imported').write_text('done')\n")
+    script = ("import sys, time\n"
+              "from ttfsc.transaction import interrupts_raise, Interrupted\n"
+              "try:\n"
+              "    with interrupts_raise():\n"
+              "        print('ready', flush=True)\n"
+              "        import slow_module\n"
+              "        time.sleep(30)\n"
+              "except Interrupted:\n"
+              "    print('ttfsc: interrupted', file=sys.stderr)\n"
+              "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)                                   # inside the module's sleep
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "ttfsc: interrupted", err
+    assert (tmp_path / "imported").read_text() == "done"
