@@ -99,15 +99,23 @@ class Generator:
             self._check_prefix(self.prefix)
 
     def _load_prefix(self, model_dir: str | Path | None) -> Prefix | None:
-        """``prefix.npz`` beside the model, unless the model's metadata says it was quantized without it."""
+        """``prefix.npz`` beside the model, only when the model's metadata says it was quantized with it.
+
+        A model that declares no prefix (a float model, a QDQ model from another quantizer, one
+        quantized without a prefix) runs without one even when a sibling's prefix.npz sits in the
+        same folder: a float baseline that silently carried the quantized model's prefix measured
+        30.39 instead of 26.74 on one SmolLM2 window (issue 11).
+        """
         path = Path(model_dir) / PREFIX_FILE if model_dir is not None else None
-        if path is None or not path.is_file():
-            return None
         wanted = _metadata(self.session).get(PREFIX_META)
-        if wanted == "":
+        if not wanted:
             return None
+        if path is None or not path.is_file():
+            raise TtfscError(f"the model was quantized with prefix tokens [{wanted}] but {PREFIX_FILE} is not beside it"
+                             f"{f' in {model_dir}' if model_dir is not None else ''}; copy the model's own "
+                             f"{PREFIX_FILE} beside it (or re-run `ttfsc quantize`).")
         prefix = Prefix.load(path)
-        if wanted is not None and wanted != format_ids(prefix.ids):
+        if wanted != format_ids(prefix.ids):
             raise TtfscError(f"{path} holds prefix tokens [{format_ids(prefix.ids)}] but the model was quantized with "
                              f"[{wanted}]; copy the model's own prefix.npz beside it (or re-run `ttfsc quantize`).")
         return prefix

@@ -116,3 +116,24 @@ def test_outlier_hits_counts_position_zero_as_bos():
 def test_bad_prefix_option(tiny_llama_onnx, tmp_path, capsys):
     assert main(["quantize", str(tiny_llama_onnx), "-o", str(tmp_path / "x.onnx"), "--prefix", "first"]) == 2
     assert "--prefix first" in capsys.readouterr().err
+
+
+def test_float_model_never_carries_a_siblings_prefix(prefixed, tmp_path):
+    """A float baseline beside a quantized model's prefix.npz runs without it (it was never quantized
+    with it), and a model that declares a prefix refuses to run without its prefix.npz."""
+    fp = tmp_path / "fp" / "model.onnx"
+    fp.parent.mkdir()
+    for f in prefixed["fp"].parent.iterdir():
+        shutil.copy(f, fp.parent / f.name)
+    shutil.copy(prefixed["qdq"].parent / PREFIX_FILE, fp.parent / PREFIX_FILE)
+    gen = Generator(open_session(fp), fp.parent)
+    assert gen.prefix is None
+    plain = Generator(open_session(prefixed["fp"]), prefixed["fp"].parent, prefix=None)
+    np.testing.assert_array_equal(gen.logits(TOKENS), plain.logits(TOKENS))
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    for f in prefixed["snn"].parent.iterdir():
+        if f.name != PREFIX_FILE:
+            shutil.copy(f, lonely / f.name)
+    with pytest.raises(TtfscError, match=r"quantized with prefix tokens \[1,40\] but prefix.npz is not beside it"):
+        Generator(open_session(lonely / prefixed["snn"].name), lonely)
