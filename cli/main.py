@@ -120,7 +120,7 @@ def quantize(args: argparse.Namespace) -> int:
 def compile_arguments(p: argparse.ArgumentParser) -> None:
     from ttfsc.ttfs import CODINGS, NEURONS
     p.add_argument("model", help="QDQ .onnx (from ttfsc quantize), or a float .onnx, which is quantized first "
-                   "with log2(T) activation bits")
+                   "with log2(T) activation bits (a calibration of minutes on a real LLM, as ttfsc quantize)")
     p.add_argument("-T", dest="T", type=_window, required=True,
                    help="time window (spike slots) per stage, 2^abits; 'auto' keeps each stage's own width (mixed windows)")
     p.add_argument("-o", "--output", required=True,
@@ -202,8 +202,19 @@ def commands() -> dict[str, Command]:
     }
 
 
+EXAMPLES = """examples (a float model to a verified spiking model, then text from it):
+  ttfsc export ckpt/ -o out/model.onnx                     HF folder, .gguf or llama2.c .bin
+  ttfsc quantize out/model.onnx -o out/q/model.qdq.onnx    W8A6 QANN; minutes on a real LLM (calibration)
+  ttfsc compile out/q/model.qdq.onnx -T 64 -o out/s/model.snn.onnx
+  ttfsc verify out/q/model.qdq.onnx out/s/model.snn.onnx   every spike against the QANN's codes
+  ttfsc run out/s/model.snn.onnx --prompt "Once upon a time"
+`ttfsc compile out/model.onnx -T 64 -o ...` does quantize and compile in one step.
+`ttfsc COMMAND -h` shows each command's options."""
+
+
 def build_parser(table: dict[str, Command] | None = None) -> argparse.ArgumentParser:
-    ap = Parser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).")
+    ap = Parser(prog="ttfsc", description="Compile quantized LLMs into TTFS spiking networks (QC-A2S).",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, cmd in (table or commands()).items():
         ap.subcommands[name] = sub.add_parser(name, help=cmd.help, description=cmd.description)
